@@ -1,0 +1,97 @@
+"""What every method shares: config (de)serialisation, the per-layer report, the registry.
+
+A method is a frozen config dataclass plus one ``apply_block(config, ctx)`` function that
+quantizes the linears of one decoder block in place (``ctx`` is the engine's
+:class:`~lowbit.engine.context.BlockContext`) and returns one :class:`LayerReport` per linear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from lowbit.errors import LowbitError
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config: JSON round trip with a version and strict keys."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"method": self.method, "version": CONFIG_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        if method != cls.method:
+            raise LowbitError(f"config is for method '{method}', not '{cls.method}'")
+        version = data.pop("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise LowbitError(f"config version {version} is not supported (expected 1)")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise LowbitError(
+                    f"unknown key '{key}' for method '{cls.method}'; known keys: "
+                    f"{', '.join(sorted(known))}"
+                )
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass
+class LayerReport:
+    """Per-linear metrics recorded while quantizing.
+
+    ``weight_rel_err`` = ||W - Q||_F / ||W||_F; ``hessian_rel_err`` =
+    tr(E H E^T) / tr(W H W^T) with E = W - Q: the relative output error on the calibration data.
+    """
+
+    name: str
+    bits_per_weight: float
+    weight_rel_err: float
+    hessian_rel_err: float
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type[MethodConfig]
+    apply_block: Callable[..., list[LayerReport]]
+    summary: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, config_cls: type[MethodConfig], summary: str) -> Callable:
+    """Decorator for a method's ``apply_block`` function: one registry line per method."""
+
+    def wrap(apply_block: Callable[..., list[LayerReport]]) -> Callable[..., list[LayerReport]]:
+        METHODS[name] = Method(name, config_cls, apply_block, summary)
+        return apply_block
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    from lowbit import algorithms  # noqa: F401  (importing registers every method)
+
+    if name not in METHODS:
+        raise LowbitError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -1,0 +1,77 @@
+"""The loop shared by weight-only methods that solve one linear at a time from its Hessian."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowbit.algorithms.base import LayerReport
+from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.formats.codecs import StoredWeight
+from lowbit.nn.quant_linear import QuantLinear
+
+
+@dataclass
+class Solution:
+    """A solver's answer for one linear: the stored weight and solver-specific metrics."""
+
+    stored: StoredWeight
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def relative_errors(
+    weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor
+) -> tuple[float, float]:
+    """(||E||_F / ||W||_F, tr(E H E^T) / tr(W H W^T)) for W, Q ``[R, C]``, H ``[C, C]``."""
+    w = weight.detach().float()
+    e = w - quantized
+    h = hessian.float()
+    weight_err = float(e.norm() / w.norm().clamp(min=1e-30))
+    out_err = float(((e @ h) * e).sum() / ((w @ h) * w).sum().clamp(min=1e-30))
+    return weight_err, out_err
+
+
+def quantize_linearwise(
+    ctx,
+    config: IntWeightConfig,
+    solve: Callable[[Any, torch.Tensor, torch.Tensor], Solution],
+    true_sequential: bool,
+) -> list[LayerReport]:
+    """Quantize the block's linears group by group (or all from one pass) with ``solve``.
+
+    With ``true_sequential`` each group's Hessians are collected after the groups before it are
+    quantized, so every linear is fitted to the inputs it will see at inference.
+    """
+    names = [n for n in ctx.table.linear_names if not config.ignores(ctx.full_name(n))]
+    groups = ctx.table.sequential if true_sequential else (tuple(names),)
+    reports = []
+    for group in groups:
+        group = [n for n in group if n in names]
+        if not group:
+            continue
+        hessians = ctx.collect_hessians(group)
+        for name in group:
+            linear = ctx.module(name)
+            start = time.perf_counter()
+            solution = solve(config, linear.weight, hessians[name])
+            quant = QuantLinear(solution.stored, linear.bias)
+            seconds = time.perf_counter() - start
+            w_err, h_err = relative_errors(
+                linear.weight, quant.dequantized_weight(), hessians[name]
+            )
+            ctx.replace(name, quant)
+            reports.append(
+                LayerReport(
+                    ctx.full_name(name),
+                    solution.stored.bits_per_weight(),
+                    w_err,
+                    h_err,
+                    seconds,
+                    solution.extra,
+                )
+            )
+    return reports

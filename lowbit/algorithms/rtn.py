@@ -1,0 +1,30 @@
+"""RTN: round every weight to the nearest point of a min-max grid. The baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.algorithms.base import LayerReport, register
+from lowbit.algorithms.linearwise import Solution, quantize_linearwise
+from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.formats.intq import rtn_quantize
+from lowbit.formats.packed_int import PackedIntWeight
+
+
+@dataclass(frozen=True)
+class RTNConfig(IntWeightConfig):
+    """Round-to-nearest integer weights; see :class:`IntWeightConfig` for the fields."""
+
+    method = "rtn"
+
+
+def rtn_solve(config: RTNConfig, weight: torch.Tensor, hessian: torch.Tensor) -> Solution:
+    codes, scales, zeros = rtn_quantize(weight.detach().float(), config.grid)
+    return Solution(PackedIntWeight.from_codes(codes, scales, zeros, config.grid), {})
+
+
+@register("rtn", RTNConfig, "round to nearest on a min-max grid (baseline)")
+def apply_block(config: RTNConfig, ctx) -> list[LayerReport]:
+    return quantize_linearwise(ctx, config, rtn_solve, true_sequential=False)

@@ -1,0 +1,227 @@
+"""The library's front door: load, quantize, save, reload, evaluate.
+
+from lowbit import api
+loaded = api.load_model("smollm2-135m")
+result = api.quantize(loaded, "gptq", {"bits": 4, "group_size": 64}, api.CalibSpec())
+api.save_quantized(loaded, result, "out/smollm2-w4")
+scores = api.evaluate(api.load_model("out/smollm2-w4"), ppl=["austen-pp"], kld=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.algorithms.base import LayerReport, MethodConfig, get_method
+from lowbit.data.calibration import calibration_batch
+from lowbit.data.corpora import load_text, text_sha256
+from lowbit.engine.sequential import quantize_sequential
+from lowbit.errors import LowbitError
+from lowbit.eval.kld import kl_divergence
+from lowbit.eval.perplexity import perplexity
+from lowbit.eval.windows import eval_windows
+from lowbit.export import lowbit_format
+from lowbit.models.arch import BlockTable, get_blocks, table_for
+from lowbit.models.bundled import BUNDLED, prepare
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to quantize or evaluate.
+
+    Attributes:
+        spec: what the user named (bundled name or path); a lowbit DIR's ``source`` is the spec
+            of the model it was quantized from.
+        manifest: the lowbit.json of a quantized DIR, else None.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    table: BlockTable
+    spec: str
+    manifest: dict | None = None
+
+    @property
+    def source(self) -> str:
+        return self.manifest["source_model"] if self.manifest else self.spec
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a bundled name, a local HF causal-LM folder, or a lowbit DIR."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec in BUNDLED:
+        path = prepare(spec)
+    else:
+        path = Path(spec)
+        if not (path / "config.json").is_file():
+            raise LowbitError(
+                f"unknown model or path '{spec}'; use a bundled model ({', '.join(BUNDLED)}) "
+                "or a local Hugging Face folder with config.json"
+            )
+    if lowbit_format.is_lowbit_dir(path):
+        model, tokenizer, manifest = lowbit_format.load_quantized(path, dtype)
+        return LoadedModel(model, tokenizer, table_for(model.config.model_type), spec, manifest)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    table = table_for(model.config.model_type)
+    model.eval()
+    return LoadedModel(model, AutoTokenizer.from_pretrained(path), table, spec)
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Calibration data: ``nsamples`` random windows of ``seqlen`` tokens of ``corpus``,
+    drawn with ``seed`` (see :func:`lowbit.data.calibration.calibration_batch`)."""
+
+    corpus: str = "austen-emma"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass
+class QuantizeResult:
+    method: str
+    config: MethodConfig
+    calib: CalibSpec
+    calib_sha256: str
+    layers: list[LayerReport]
+    avg_bits: float
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_config(method: str, settings: dict[str, Any]) -> MethodConfig:
+    """The method's config from recipe keys / flags (unknown keys are an error naming them)."""
+    return get_method(method).config_cls.from_dict({"method": method, **settings})
+
+
+def quantize(
+    loaded: LoadedModel,
+    method: str,
+    config: MethodConfig | dict[str, Any],
+    calib: CalibSpec,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Quantize ``loaded.model`` in place, block by block."""
+    if loaded.manifest is not None:
+        raise LowbitError(f"{loaded.spec} is already quantized; quantize the original model")
+    if isinstance(config, dict):
+        config = build_config(method, config)
+    _check_widths(loaded, config)
+    text = load_text(calib.corpus)
+    ids = calibration_batch(
+        loaded.tokenizer, text, calib.nsamples, calib.seqlen, calib.seed, loaded.table.add_bos
+    )
+    start = time.perf_counter()
+    reports = quantize_sequential(
+        loaded.model, loaded.table, ids, get_method(method), config, calib.batch_size, progress
+    )
+    seconds = time.perf_counter() - start
+    return QuantizeResult(
+        method, config, calib, text_sha256(text), reports, average_bits(loaded.model), seconds
+    )
+
+
+def _check_widths(loaded: LoadedModel, config: MethodConfig) -> None:
+    check = getattr(config, "check_width", None)
+    if check is None:
+        return
+    blocks = get_blocks(loaded.model, loaded.table)
+    linears = {
+        f"{loaded.table.blocks}.{i}.{n}": block.get_submodule(n)
+        for i, block in enumerate(blocks)
+        for n in loaded.table.linear_names
+    }
+    widths = sorted({m.in_features for m in linears.values()})
+    for name, module in linears.items():
+        check(name, module.in_features, widths)
+
+
+def average_bits(model: nn.Module) -> float:
+    """Stored bits per weight over all quantized linears (embeddings and head excluded)."""
+    layers = lowbit_format.quantized_layers(model).values()
+    numel = sum(q.in_features * q.out_features for q in layers)
+    if not numel:
+        return 16.0
+    return sum(q.bits_per_weight() * q.in_features * q.out_features for q in layers) / numel
+
+
+def save_quantized(loaded: LoadedModel, result: QuantizeResult, out_dir: str | Path) -> Path:
+    """Write the quantized model and its manifest (see :mod:`lowbit.export.lowbit_format`)."""
+    manifest = {
+        "lowbit_version": lowbit.__version__,
+        "method": result.method,
+        "recipe": [result.config.to_dict()],
+        "source_model": loaded.spec,
+        "avg_bits": result.avg_bits,
+        "avg_bits_scope": "quantized linears (embeddings and LM head kept in full precision)",
+        "calibration": {**dataclasses.asdict(result.calib), "sha256": result.calib_sha256},
+        "seconds": result.seconds,
+        "versions": _versions(),
+        "layers": {r.name: {"metrics": r.to_dict()} for r in result.layers},
+    }
+    return lowbit_format.save_quantized(loaded.model, loaded.tokenizer, out_dir, manifest)
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    return {
+        "lowbit": lowbit.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def evaluate(
+    loaded: LoadedModel,
+    ppl: list[str] = ("austen-pp",),
+    kld: bool = False,
+    base: LoadedModel | None = None,
+    seqlen: int = 512,
+    max_tokens: int | None = None,
+    kld_corpus: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity on each corpus and, with ``kld``, KL(base || model) on the first corpus.
+
+    Returns ``{"ppl": {corpus: value}, "kld": value | None, "top1_agreement": ..., ...}``.
+    """
+    start = time.perf_counter()
+    out: dict[str, Any] = {"ppl": {}, "eval_tokens": {}, "kld": None}
+    add_bos = loaded.table.add_bos
+    for corpus in ppl:
+        windows = eval_windows(loaded.tokenizer, load_text(corpus), seqlen, max_tokens, add_bos)
+        result = perplexity(loaded.model, windows, progress=progress)
+        out["ppl"][corpus] = result.ppl
+        out["eval_tokens"][corpus] = result.tokens
+    if kld:
+        if base is None:
+            base = load_model(loaded.source)
+        corpus = kld_corpus or (ppl[0] if ppl else "austen-pp")
+        windows = eval_windows(loaded.tokenizer, load_text(corpus), seqlen, max_tokens, add_bos)
+        result = kl_divergence(base.model, loaded.model, windows, progress=progress)
+        out["kld"] = result.kld_mean
+        out["kld_corpus"] = corpus
+        out["top1_agreement"] = result.top1_agreement
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

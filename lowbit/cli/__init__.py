@@ -1,0 +1,1 @@
+"""Command line: argument parsing -> configs -> api calls. The only layer that prints."""

@@ -1,0 +1,193 @@
+"""One function per sub-command: parse-level args in, printed tables and JSON out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowbit import api
+from lowbit.cli.method_flags import method_settings
+from lowbit.cli.table import render
+from lowbit.errors import LowbitError
+from lowbit.models import bundled
+
+
+def models(args: argparse.Namespace) -> int:
+    for name in args.prepare or []:
+        print(f"preparing {name} ...", file=sys.stderr)
+        bundled.prepare(name)
+    rows = [
+        {
+            "name": m.name,
+            "prepared": bundled.is_prepared(m.name),
+            "path": str(bundled.prepared_path(m.name)),
+            "package": m.package,
+            "description": m.description,
+        }
+        for m in bundled.BUNDLED.values()
+    ]
+    print(
+        render(
+            ["name", "prepared", "package", "description"],
+            [
+                [r["name"], "yes" if r["prepared"] else "no", r["package"], r["description"]]
+                for r in rows
+            ],
+        )
+    )
+    print(
+        f"\ncache: {bundled.lowbit_home()} (set LOWBIT_HOME to move it); "
+        "any local HF causal-LM folder works as MODEL too"
+    )
+    _write_json(args.json, rows)
+    return 0
+
+
+def _read_recipe(path: str | None, method: str) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise LowbitError(f"recipe file {path} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise LowbitError(f"recipe {path} is not valid YAML: {exc}") from exc
+    if isinstance(data, list):
+        if len(data) != 1:
+            raise LowbitError(f"recipe {path} lists {len(data)} stages; this version runs one")
+        data = data[0]
+    if not isinstance(data, dict):
+        raise LowbitError(f"recipe {path} must be a mapping of settings (or a list of one)")
+    data = dict(data)
+    recipe_method = data.pop("method", method)
+    if recipe_method != method:
+        raise LowbitError(f"recipe {path} is for method '{recipe_method}', not '{method}'")
+    data.pop("version", None)
+    return data
+
+
+def quantize(args: argparse.Namespace) -> int:
+    from lowbit.export.lowbit_format import check_output_dir
+
+    check_output_dir(args.out)
+    settings = _read_recipe(args.recipe, args.method)
+    for key in ("bits", "group_size", "symmetric"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    settings.update(method_settings(args, args.method))
+    config = api.build_config(args.method, settings)
+    calib = api.CalibSpec(args.calib, args.nsamples, args.seqlen, args.seed)
+    loaded = api.load_model(args.model)
+    result = api.quantize(loaded, args.method, config, calib)
+    out = api.save_quantized(loaded, result, args.out)
+    print(_layer_table(result.layers, per_block=not args.layers))
+    report = {
+        "model": args.model,
+        "method": args.method,
+        "out": str(out),
+        "config": config.to_dict(),
+        "avg_bits": result.avg_bits,
+        "seconds": result.seconds,
+        "layers": [r.to_dict() for r in result.layers],
+    }
+    if args.ppl or args.kld:
+        scores = api.evaluate(
+            loaded, args.ppl, args.kld, seqlen=args.eval_seqlen, max_tokens=args.max_tokens
+        )
+        report.update(ppl=scores["ppl"], kld=scores["kld"])
+    report["peak_rss_mb"] = api.peak_rss_mb()
+    print(
+        f"\n{args.method}: {result.avg_bits:.3f} bits/weight over quantized linears, "
+        f"{result.seconds:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {out}"
+    )
+    for corpus, value in report.get("ppl", {}).items():
+        print(f"ppl {corpus}: {value:.3f}")
+    if report.get("kld") is not None:
+        print(f"kld: {report['kld']:.4f}")
+    _write_json(args.json, report)
+    return 0
+
+
+def _layer_table(layers: list, per_block: bool) -> str:
+    headers = ["layer", "bits/w", "weight err", "output err", "seconds"]
+    if not per_block:
+        return render(
+            headers,
+            [
+                [r.name, r.bits_per_weight, r.weight_rel_err, r.hessian_rel_err, r.seconds]
+                for r in layers
+            ],
+        )
+    blocks: dict[str, list] = defaultdict(list)
+    for r in layers:
+        blocks[".".join(r.name.split(".")[:3])].append(r)
+    rows = []
+    for name, rs in blocks.items():
+        n = len(rs)
+        rows.append(
+            [
+                f"{name} ({n} linears)",
+                sum(r.bits_per_weight for r in rs) / n,
+                sum(r.weight_rel_err for r in rs) / n,
+                sum(r.hessian_rel_err for r in rs) / n,
+                sum(r.seconds for r in rs),
+            ]
+        )
+    return render(headers, rows)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    if args.tasks:
+        raise LowbitError("--tasks (lm-eval) is not available in this version; use --ppl/--kld")
+    loaded = api.load_model(args.model)
+    base = api.load_model(args.base) if args.kld and args.base else None
+    scores = api.evaluate(loaded, args.ppl, args.kld, base, args.eval_seqlen, args.max_tokens)
+    manifest = loaded.manifest or {}
+    result = {
+        "model": args.model,
+        "method": manifest.get("method", "none"),
+        "avg_bits": manifest.get("avg_bits", 32.0 if manifest == {} else None),
+        "ppl": scores["ppl"],
+        "kld": scores["kld"],
+        "top1_agreement": scores.get("top1_agreement"),
+        "eval_tokens": scores["eval_tokens"],
+        "seqlen": args.eval_seqlen,
+        "seconds": scores["seconds"],
+        "peak_rss_mb": api.peak_rss_mb(),
+    }
+    rows = [
+        [corpus, value, result["eval_tokens"][corpus]] for corpus, value in result["ppl"].items()
+    ]
+    if rows:
+        print(render(["corpus", "ppl", "tokens"], rows))
+    if result["kld"] is not None:
+        print(
+            f"kld (vs {loaded.source if not args.base else args.base}): {result['kld']:.5f}  "
+            f"top-1 agreement: {result['top1_agreement']:.4f}"
+        )
+    _write_json(args.json, result)
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+
+    loaded = api.load_model(args.model)
+    ids = loaded.tokenizer(args.prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = loaded.model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(loaded.tokenizer.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def _write_json(path: str | None, data: Any) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2))

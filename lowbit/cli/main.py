@@ -1,0 +1,115 @@
+"""``lowbit`` command line (the contract in docs/CLI.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from lowbit.errors import LowbitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lowbit.algorithms.base import METHODS
+    from lowbit.cli import commands
+    from lowbit.cli.method_flags import add_method_flags
+
+    parser = argparse.ArgumentParser(
+        prog="lowbit", description="Low-bit quantization of causal LMs"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list bundled models and whether they are prepared")
+    p.add_argument("--prepare", nargs="*", metavar="NAME", help="prepare these models now")
+    p.add_argument("--json", metavar="FILE", help="write the list as JSON")
+    p.set_defaults(func=commands.models)
+
+    p = sub.add_parser("quantize", help="quantize a model and save it")
+    p.add_argument("model", help="bundled name or local HF folder")
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--bits", "--wbits", dest="bits", type=int, help="weight bits (2-8)")
+    p.add_argument("--group-size", type=int, help="columns per group; -1 = per output channel")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, default=None)
+    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False)
+    p.add_argument("--recipe", metavar="FILE.yaml", help="method settings file; flags override it")
+    _add_calib_flags(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--json", metavar="FILE", help="write the run report as JSON")
+    p.add_argument("--layers", action="store_true", help="print every layer, not per block")
+    _add_eval_flags(p, default_ppl=[])
+    add_method_flags(p)
+    p.set_defaults(func=commands.quantize)
+
+    p = sub.add_parser("eval", help="perplexity and KL divergence of a model or quantized DIR")
+    p.add_argument("model", help="bundled name, local HF folder or lowbit DIR")
+    _add_eval_flags(p, default_ppl=["austen-pp"])
+    p.add_argument("--base", help="model to measure KLD against (default: the DIR's source)")
+    p.add_argument("--tasks", help="lm-eval tasks (not available in this version)")
+    p.add_argument("--json", metavar="FILE", help="write results as JSON")
+    p.set_defaults(func=commands.evaluate)
+
+    p = sub.add_parser("generate", help="greedy text generation")
+    p.add_argument("model", help="bundled name, local HF folder or lowbit DIR")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.set_defaults(func=commands.generate)
+    return parser
+
+
+def _add_calib_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calib",
+        default="austen-emma",
+        metavar="CORPUS",
+        help="calibration corpus (bundled name or text file; default austen-emma)",
+    )
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+
+
+def _add_eval_flags(p: argparse.ArgumentParser, default_ppl: list[str]) -> None:
+    p.add_argument(
+        "--ppl",
+        nargs="*",
+        default=default_ppl,
+        metavar="CORPUS",
+        help=f"perplexity corpora (default: {' '.join(default_ppl) or 'none'})",
+    )
+    p.add_argument("--kld", action="store_true", help="KL divergence to the base model")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window (default 512)")
+    p.add_argument("--max-tokens", type=int, help="cap on evaluation tokens per corpus")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    _quiet_transformers()
+    try:
+        return args.func(args) or 0
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

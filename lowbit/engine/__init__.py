@@ -1,0 +1,1 @@
+"""Sequential block-by-block calibration."""

@@ -1,0 +1,85 @@
+"""What a method sees of the block it quantizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.engine.capture import BlockInputs, block_output
+from lowbit.engine.hessian import HessianAccumulator
+from lowbit.models.arch import BlockTable, set_submodule
+
+
+@dataclass
+class BlockContext:
+    """One decoder block under quantization, with its calibration inputs.
+
+    Attributes:
+        block: the block module (methods replace its linears in place).
+        index: block number; ``prefix`` its dotted path in the model (``model.layers.3``).
+        table: the architecture's block table.
+        hidden: calibration inputs, list of ``[b, L, hidden]``.
+        inputs: the captured call arguments of every block.
+    """
+
+    block: nn.Module
+    index: int
+    prefix: str
+    table: BlockTable
+    hidden: list[torch.Tensor]
+    inputs: BlockInputs
+
+    def full_name(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def module(self, name: str) -> nn.Module:
+        return self.block.get_submodule(name)
+
+    def replace(self, name: str, module: nn.Module) -> None:
+        set_submodule(self.block, name, module)
+
+    @torch.no_grad()
+    def run(self, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The block's outputs for ``hidden`` (default: its calibration inputs)."""
+        xs = self.hidden if hidden is None else hidden
+        return [block_output(self.block, x, self.inputs.call_for(self.index, x)) for x in xs]
+
+    @torch.no_grad()
+    def collect_hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Hessians ``[C, C]`` of the named linears' inputs over the calibration inputs.
+
+        Each batch's forward stops as soon as every named linear has seen its input, so the
+        q/k/v Hessians cost little more than the input norm.
+        """
+        accs = {n: HessianAccumulator(self.module(n).in_features) for n in names}
+        seen: set[str] = set()
+
+        def observe(name: str, x: torch.Tensor) -> None:
+            accs[name].add(x)
+            seen.add(name)
+            if len(seen) == len(accs):
+                raise _StopBlock
+
+        hooks = [
+            self.module(n).register_forward_pre_hook(
+                lambda _m, args, name=n: observe(name, args[0])
+            )
+            for n in names
+        ]
+        try:
+            for x in self.hidden:
+                seen.clear()
+                try:
+                    block_output(self.block, x, self.inputs.call_for(self.index, x))
+                except _StopBlock:
+                    pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {n: acc.hessian for n, acc in accs.items()}
+
+
+class _StopBlock(Exception):
+    """Raised once every observed linear has its input: the rest of the block is not needed."""

@@ -1,0 +1,1 @@
+"""Checkpoint formats: lowbit's own (safetensors + lowbit.json), and exports."""
