@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.algorithms.base import LayerReport, MethodConfig, get_method
+from lowbit.algorithms.base import LayerReport, MethodConfig, get_method  # noqa: F401
 from lowbit.data.calibration import calibration_batch
 from lowbit.data.corpora import load_text, text_sha256
 from lowbit.engine.sequential import quantize_sequential

@@ -21,7 +21,7 @@ def main() -> int:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args()
     _quiet_transformers()
@@ -44,19 +44,31 @@ def main() -> int:
     headers = ["model", "avg bits", "ppl austen-pp", "kld", "top-1 agree", "quantize s"]
     print()
     print(render(headers, rows))
-    print(f"\nW{args.bits} g{args.group_size} symmetric, calibration: {args.nsamples} x 512 tokens "
-          f"of austen-emma; evaluation: first {args.max_tokens} tokens of austen-pp, windows of "
-          "512; avg bits count codes + scales over the quantized linears.")
-    print(f"reloaded GPTQ from {out}: ppl {'identical' if same else 'DIFFERENT'} "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"\nW{args.bits} g{args.group_size} symmetric, calibration: {args.nsamples} x 512 tokens "
+        f"of austen-emma; evaluation: first {args.max_tokens} tokens of austen-pp, windows of "
+        "512; avg bits count codes + scales over the quantized linears."
+    )
+    print(
+        f"reloaded GPTQ from {out}: ppl {'identical' if same else 'DIFFERENT'} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "demo.json").write_text(json.dumps([dict(zip(headers, r)) for r in rows]))
+    (Path(args.out) / "demo.json").write_text(
+        json.dumps([dict(zip(headers, r, strict=False)) for r in rows])
+    )
     return 0 if same else 1
 
 
 def _row(name: str, bits: float, seconds: float, scores: dict) -> list:
-    return [name, bits, scores["ppl"]["austen-pp"], scores["kld"], scores.get("top1_agreement"),
-            seconds]
+    return [
+        name,
+        bits,
+        scores["ppl"]["austen-pp"],
+        scores["kld"],
+        scores.get("top1_agreement"),
+        seconds,
+    ]
 
 
 if __name__ == "__main__":

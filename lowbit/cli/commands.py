@@ -77,6 +77,7 @@ def quantize(args: argparse.Namespace) -> int:
     from lowbit.export.lowbit_format import check_output_dir
 
     check_output_dir(args.out)
+    api.get_method(args.method)
     settings = _read_recipe(args.recipe, args.method)
     for key in ("bits", "group_size", "symmetric"):
         if getattr(args, key) is not None:

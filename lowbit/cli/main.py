@@ -28,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and save it")
     p.add_argument("model", help="bundled name or local HF folder")
-    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
     p.add_argument("--bits", "--wbits", dest="bits", type=int, help="weight bits (2-8)")
-    p.add_argument("--group-size", type=int, help="columns per group; -1 = per output channel")
+    p.add_argument(
+        "-g", "--group-size", type=int, help="columns per group; -1 = per output channel"
+    )
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, default=None)
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False)

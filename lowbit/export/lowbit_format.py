@@ -14,9 +14,6 @@ half-written DIR that looks finished.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError
 from lowbit.formats.codecs import stored_weight_from
 from lowbit.models.arch import set_submodule
@@ -72,9 +70,7 @@ def save_quantized(
         name: {"weight": q.weight_meta, **manifest.get("layers", {}).get(name, {})}
         for name, q in layers.items()
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(_unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = model.config.to_dict()
         config["quantization_config"] = {
@@ -87,11 +83,6 @@ def save_quantized(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

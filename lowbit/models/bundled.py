@@ -11,12 +11,11 @@ import fcntl
 import importlib.metadata
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
@@ -118,12 +117,6 @@ def _convert(model: BundledModel, target: Path) -> None:
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lowbit.formats.codecs import StoredWeight, stored_weight_from
-from lowbit.kernels import reference
+from lowbit.kernels import dispatch
 
 
 class QuantLinear(nn.Module):
@@ -27,6 +27,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, tensor)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._dequantized: torch.Tensor | None = None
+        self.kernel = "auto"  # or "reference": always dequantize-and-matmul
 
     def stored_weight(self) -> StoredWeight:
         return stored_weight_from(
@@ -46,7 +47,7 @@ class QuantLinear(nn.Module):
         return self.stored_weight().bits_per_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.linear(x, self.dequantized_weight(), self.bias)
+        return dispatch.linear(self, x, self.kernel)
 
     def extra_repr(self) -> str:
         return (

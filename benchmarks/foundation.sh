@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 2 table: base vs RTN vs GPTQ at W4 g128 and W3 g128 (symmetric) on the bundled models.
+# Calibration 32 x 512 tokens of austen-emma (seed 0); evaluation on the first 16384 tokens of
+# austen-pp and brown (windows of 512); KLD to the base on the austen-pp tokens.
+# Usage: benchmarks/foundation.sh [MODEL ...]   (results in results/foundation/*.json)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LOWBIT=${LOWBIT:-.venv/bin/lowbit}
+OUT=results/foundation
+mkdir -p "$OUT" runs
+EVAL=(--ppl austen-pp brown --max-tokens 16384)
+for model in "${@:-smollm2-135m gemma3-270m}"; do
+  for m in $model; do
+    "$LOWBIT" eval "$m" "${EVAL[@]}" --json "$OUT/$m-base.json"
+    for bits in 4 3; do
+      for method in rtn gptq; do
+        "$LOWBIT" quantize "$m" --method "$method" --bits "$bits" --group-size 128 --sym \
+          --ragged-groups --nsamples 32 --seqlen 512 --out "runs/$m-$method-w$bits-g128" \
+          "${EVAL[@]}" --kld --json "$OUT/$m-$method-w$bits-g128.json"
+      done
+    done
+  done
+done
