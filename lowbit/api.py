@@ -204,20 +204,20 @@ def evaluate(
     start = time.perf_counter()
     out: dict[str, Any] = {"ppl": {}, "eval_tokens": {}, "kld": None}
     add_bos = loaded.table.add_bos
-    for corpus in ppl:
-        windows = eval_windows(loaded.tokenizer, load_text(corpus), seqlen, max_tokens, add_bos)
-        result = perplexity(loaded.model, windows, progress=progress)
-        out["ppl"][corpus] = result.ppl
-        out["eval_tokens"][corpus] = result.tokens
+    kld_corpus = (kld_corpus or (ppl[0] if ppl else "austen-pp")) if kld else None
     if kld:
         if base is None:
             base = load_model(loaded.source)
-        corpus = kld_corpus or (ppl[0] if ppl else "austen-pp")
-        windows = eval_windows(loaded.tokenizer, load_text(corpus), seqlen, max_tokens, add_bos)
+        windows = eval_windows(loaded.tokenizer, load_text(kld_corpus), seqlen, max_tokens, add_bos)
         result = kl_divergence(base.model, loaded.model, windows, progress=progress)
-        out["kld"] = result.kld_mean
-        out["kld_corpus"] = corpus
-        out["top1_agreement"] = result.top1_agreement
+        out.update(kld=result.kld_mean, kld_corpus=kld_corpus, top1_agreement=result.top1_agreement)
+    for corpus in ppl:
+        if corpus == kld_corpus:  # same windows, same logits: reuse the KLD pass
+            out["ppl"][corpus], out["eval_tokens"][corpus] = result.model_ppl, result.tokens
+            continue
+        windows = eval_windows(loaded.tokenizer, load_text(corpus), seqlen, max_tokens, add_bos)
+        scored = perplexity(loaded.model, windows, progress=progress)
+        out["ppl"][corpus], out["eval_tokens"][corpus] = scored.ppl, scored.tokens
     out["seconds"] = time.perf_counter() - start
     return out
 

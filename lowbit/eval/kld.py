@@ -7,7 +7,9 @@ finer and more stable yardstick (as llama.cpp's ``--kl-divergence`` reports it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ from lowbit.eval._forward import (
     eval_mode,
     forward_logits,
 )
+from lowbit.eval.perplexity import token_nll
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,9 @@ class KLDResult:
 
     ``kld_mean``: mean over positions; ``kld_median``/``kld_p99``/``kld_max``: quantiles of the
     per-position values; ``kld_max_window``: largest per-window mean; ``top1_agreement``: share
-    of positions where both models' most likely next token is the same.
+    of positions where both models' most likely next token is the same; ``model_ppl``: the
+    model's perplexity on the same positions, from the same logits (equal to
+    :func:`lowbit.eval.perplexity.perplexity` on these windows, at no extra forward pass).
     """
 
     kld_mean: float
@@ -45,6 +50,7 @@ class KLDResult:
     tokens: int
     windows: int
     seconds: float = 0.0
+    model_ppl: float = float("nan")
 
 
 def token_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -86,6 +92,7 @@ def kl_divergence(
     per_token: list[torch.Tensor] = []
     agree = 0
     kl_sum = 0.0
+    nll_sum = 0.0
     start = time.perf_counter()
     bar = tqdm(total=n_windows, desc=desc, unit="win", disable=not progress, leave=False)
     try:
@@ -100,6 +107,7 @@ def kl_divergence(
                     )
                 logits = logits.to(base_logits.device)
                 per_token.append(token_kl(base_logits, logits).cpu())
+                nll_sum += token_nll(logits, batch[:, 1:]).sum(dtype=torch.float64).item()
                 agree += int((base_logits.argmax(-1) == logits.argmax(-1)).sum().item())
                 kl_sum += per_token[-1].sum(dtype=torch.float64).item()
                 bar.update(batch.shape[0])
@@ -109,6 +117,7 @@ def kl_divergence(
         bar.close()
     kl = torch.cat(per_token)  # [n_windows, seqlen - 1] float32
     result = _summarize(kl, agree, time.perf_counter() - start)
+    result = dataclasses.replace(result, model_ppl=math.exp(nll_sum / result.tokens))
     log.info(
         "%s: mean %.5f, p99 %.5f, top-1 agreement %.4f over %d tokens",
         desc,
