@@ -28,6 +28,7 @@ from lowbit.formats.intfmt import DtypeFormat, IntFormat
 from lowbit.formats.intq import IntGrid
 from lowbit.formats.packed_block import PackedBlockWeight
 from lowbit.formats.packed_int import PackedIntWeight
+from lowbit.formats.spqr_weight import SpQRWeight
 
 __all__ = [
     "PRESETS",
@@ -44,6 +45,7 @@ __all__ = [
     "PackedBlockWeight",
     "PackedIntWeight",
     "Part",
+    "SpQRWeight",
     "bilevel_quantize",
     "bits_per_weight",
     "compute_scales",

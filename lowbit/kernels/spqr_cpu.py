@@ -1,0 +1,131 @@
+"""CPU fast path for SpQR linears: ``y = x W^T`` straight from the packed buffers.
+
+The input is permuted once into stored column order; the dense part is unpacked and
+dequantized group-wise in row tiles that stay in cache (vectorised bit extraction, then
+``(q - z) * s`` per group) and multiplied tile by tile; the outliers are one sparse CSR
+matmul (``torch.sparse_csr``) added to the result. No fp32 copy of the weight is kept: the only
+state cached on the module is the decoded statistics (``2 x R x C / beta1`` floats), the
+permutation as int64 and the CSR tensor.
+
+Registered for stored-weight kind ``"spqr"`` with
+:func:`lowbit.kernels.dispatch.register_fast_path` when this module is imported (importing
+:mod:`lowbit.algorithms` does it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from math import gcd
+
+import torch
+
+from lowbit.kernels import dispatch
+from lowbit.kernels import triton as triton_kernels
+
+TILE_WEIGHTS = 1 << 18  # weights dequantized per tile (int32 codes + fp32 values: 2 MiB)
+
+
+@dataclass
+class _Prepared:
+    key: tuple
+    scale: torch.Tensor  # fp32 [R, n]
+    zero: torch.Tensor  # fp32 [R, n]
+    perm: torch.Tensor | None  # int64 [C]
+    outliers: torch.Tensor | None  # sparse CSR fp32 [R, C] (stored column order)
+    tile_rows: int
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, rows: int, cols: int) -> torch.Tensor:
+    """Codes ``[rows, cols]`` (int32) from a densely packed buffer that starts on a row.
+
+    ``packed`` holds exactly the bytes of ``rows * cols`` codes (``rows * cols % 8 == 0``
+    unless it is the buffer's tail) in :func:`lowbit.formats.packing.pack_codes` layout.
+    """
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # whole codes per byte (1, 2, 4, 8 bits)
+        shifts = torch.arange(0, 8, bits, dtype=torch.int32)
+        codes = (packed.to(torch.int32)[:, None] >> shifts) & mask
+    else:  # 8 codes in `bits` bytes: assemble the little-endian word, then shift out
+        wide = torch.int32 if bits <= 3 else torch.int64
+        chunks = packed.view(-1, bits).to(wide)
+        word = chunks[:, 0]
+        for i in range(1, bits):
+            word = word | (chunks[:, i] << (8 * i))
+        shifts = torch.arange(0, 8 * bits, bits, dtype=wide)
+        codes = (word[:, None] >> shifts) & mask
+    return codes.reshape(-1)[: rows * cols].to(torch.int32).view(rows, cols)
+
+
+def _prepare(module: torch.nn.Module) -> _Prepared:
+    key = (module.qweight.data_ptr(), module.outlier_values.data_ptr(), module.qweight.device)
+    cached = getattr(module, "_spqr_cpu", None)
+    if cached is not None and cached.key == key:
+        return cached
+    stored = module.stored_weight()
+    scale, zero = stored.statistics()
+    rows, cols = stored.out_features, stored.in_features
+    outliers = None
+    if stored.outlier_count:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            outliers = torch.sparse_csr_tensor(
+                stored.outlier_rowptr,
+                stored.outlier_cols.to(torch.int32),
+                stored.outlier_values.float(),
+                (rows, cols),
+                check_invariants=True,
+            )
+    align = 8 // gcd(cols, 8)  # tiles must start on a byte-aligned chunk of 8 codes
+    tile_rows = max(align, TILE_WEIGHTS // cols // align * align)
+    perm = None if stored.perm is None else stored.perm.long()
+    prepared = _Prepared(key, scale, zero, perm, outliers, tile_rows)
+    module._spqr_cpu = prepared
+    return prepared
+
+
+def dequantize_tile(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, beta1: int
+) -> torch.Tensor:
+    """fp32 ``[r, C]`` = ``s * (q - z)`` group-wise for codes ``[r, C]``, stats ``[r, n]``."""
+    r, cols = codes.shape
+    if cols % beta1 == 0:
+        n = cols // beta1
+        w = codes.view(r, n, beta1) - zero[:, :, None]
+        return w.mul_(scale[:, :, None]).view(r, cols)
+    s = scale.repeat_interleave(beta1, dim=1)[:, :cols]
+    z = zero.repeat_interleave(beta1, dim=1)[:, :cols]
+    return (codes - z).mul_(s)
+
+
+def spqr_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``x [..., C] -> [..., R]`` for a SpQR QuantLinear on CPU; None if it does not apply."""
+    if x.device.type != "cpu" or not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    prep = _prepare(module)
+    meta = module.weight_meta
+    rows, cols, bits, beta1 = meta["out_features"], meta["in_features"], meta["bits"], meta["beta1"]
+    lead = x.shape[:-1]
+    xt = x.reshape(-1, cols).float()
+    if prep.perm is not None:
+        xt = xt[:, prep.perm]
+    xt = xt.t()  # [C, M]
+    out = torch.empty(rows, xt.shape[1])
+    packed = module.qweight
+    for r0 in range(0, rows, prep.tile_rows):
+        r1 = min(r0 + prep.tile_rows, rows)
+        b0, b1 = r0 * cols * bits // 8, -(-(r1 * cols) // 8) * bits
+        codes = unpack_rows(packed[b0:b1], bits, r1 - r0, cols)
+        w = dequantize_tile(codes, prep.scale[r0:r1], prep.zero[r0:r1], beta1)
+        torch.mm(w, xt, out=out[r0:r1])
+    if prep.outliers is not None:
+        out += prep.outliers @ xt
+    y = out.t()
+    if module.bias is not None:
+        y = y + module.bias.float()
+    return y.reshape(*lead, rows).to(x.dtype)
+
+
+dispatch.register_fast_path("spqr", spqr_linear)
+# CUDA inputs: the Triton kernels (imported on first use; None without triton)
+dispatch.register_fast_path("spqr", triton_kernels.spqr_fast_path)
