@@ -11,7 +11,8 @@ static groups computed up front on the original weights.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -19,6 +20,8 @@ from lowbit.algorithms.base import LayerReport, register
 from lowbit.algorithms.linearwise import Solution, quantize_linearwise
 from lowbit.algorithms.weight_config import IntWeightConfig
 from lowbit.errors import LowbitError
+from lowbit.formats.blockscale import BlockQuantized, BlockScaledConfig, BlockScales, compute_scales
+from lowbit.formats.element import get_format
 from lowbit.formats.intq import IntGrid, dequantize, minmax_params, pad_to_groups, quantize
 from lowbit.formats.packed_int import PackedIntWeight
 
@@ -107,6 +110,175 @@ def prepare_hessian(
     return w, h
 
 
+class ColumnQuantizer(Protocol):
+    """How GPTQ rounds one column onto a grid whose statistics are per (row, group).
+
+    GPTQ calls :meth:`fit_static` once (static groups) or :meth:`fit_group` when a group's
+    first column comes up (dynamic groups, on the error-updated weights), :meth:`use_group`
+    before each column in static mode, then :meth:`round_column`, which returns the column's
+    codes ``[R]`` (any dtype: integer codes, or element values encoded later) and its
+    dequantized values ``[R, 1]``.
+    """
+
+    def group_width(self, cols: int) -> int: ...
+    def fit_static(self, w: torch.Tensor) -> None: ...  # w [R, C], input column order
+    def fit_group(self, g: int, window: torch.Tensor) -> None: ...  # window [R, <= width]
+    def use_group(self, g: int) -> None: ...
+    def round_column(self, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class IntColumns:
+    """:class:`ColumnQuantizer` for an :class:`IntGrid`: min-max scale and zero per group.
+
+    After GPTQ, ``scales`` and ``zeros`` ``[R, n_groups]`` fp32 hold every group's statistics.
+    """
+
+    def __init__(self, grid: IntGrid, rows: int, cols: int) -> None:
+        self.grid = grid
+        self.scales = torch.zeros(rows, grid.num_groups(cols))
+        self.zeros = torch.zeros(rows, grid.num_groups(cols))
+        self.scale = self.zero = None
+
+    def group_width(self, cols: int) -> int:
+        return self.grid.group_width(cols)
+
+    def fit_static(self, w: torch.Tensor) -> None:
+        self.scales, self.zeros = _static_params(w, self.grid)
+
+    def fit_group(self, g: int, window: torch.Tensor) -> None:
+        grid = self.grid
+        self.scale, self.zero = minmax_params(window, grid.bits, grid.symmetric, grid.round_zero)
+        self.scales[:, g], self.zeros[:, g] = self.scale[:, 0], self.zero[:, 0]
+
+    def use_group(self, g: int) -> None:
+        self.scale, self.zero = self.scales[:, g : g + 1], self.zeros[:, g : g + 1]
+
+    def round_column(self, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = quantize(col, self.scale, self.zero, self.grid.bits)
+        return q[:, 0].to(torch.uint8), dequantize(q, self.scale, self.zero)
+
+
+class BlockColumns:
+    """:class:`ColumnQuantizer` for a block-scaled format (FP4/FP8/int elements, any scale rule
+    of :mod:`lowbit.formats.blockscale` except a per-tensor block or an NVFP4 tensor scale).
+
+    Dynamic groups take their scale from the window GPTQ hands over, by the config's own rule;
+    for ``m2`` the real per-row scale is fixed up front from the original weights and only the
+    power-of-two ratio ``2**k`` is fitted per group (``k = ceil(log2(amax / E.max / r))``, the
+    ``m1`` rule applied to ``window / r``). ``result(codes)`` gives the
+    :class:`~lowbit.formats.blockscale.BlockQuantized` whose dequantized values are exactly the
+    ones GPTQ fed back.
+    """
+
+    def __init__(self, cfg: BlockScaledConfig, weight: torch.Tensor) -> None:
+        if cfg.group_size == 0 or cfg.tensor_scale:
+            raise LowbitError(
+                "GPTQ on block-scaled formats needs group_size > 0 or -1 and no tensor scale"
+            )
+        self.cfg, self.elem = cfg, cfg.element_format
+        self.rows, self.cols = weight.shape
+        self.row_scales = None
+        if cfg.scale_rule == "m2":
+            self.row_scales = compute_scales(weight.float(), cfg).row_scales
+        self.scales: torch.Tensor | None = None
+        self.effective: torch.Tensor | None = None  # [R, n_groups] fp32
+        self.scale: torch.Tensor | None = None
+
+    def group_width(self, cols: int) -> int:
+        return cols if self.cfg.group_size == -1 else self.cfg.group_size
+
+    def _store(self, g: int, codes: torch.Tensor) -> None:
+        if self.scales is None:
+            n = self.cfg.block_grid(self.rows, self.cols)[1]
+            self.scales = torch.zeros(self.rows, n, dtype=codes.dtype)
+        self.scales[:, g] = codes[:, 0]
+
+    def fit_static(self, w: torch.Tensor) -> None:
+        block = compute_scales(w, self.cfg)
+        self.scales, self.row_scales, self.effective = (
+            block.scales,
+            block.row_scales,
+            block.effective(),
+        )
+
+    def fit_group(self, g: int, window: torch.Tensor) -> None:
+        if self.row_scales is None:
+            block = compute_scales(window, replace(self.cfg, group_size=-1))
+            self._store(g, block.scales)
+            self.scale = block.effective()
+            return
+        r = self.row_scales.float()[:, None]
+        ratio_cfg = replace(self.cfg, group_size=-1, scale_format="e8m0", scale_rule="m1")
+        codes = compute_scales(window / r, ratio_cfg).scales
+        zero = window.abs().amax(dim=1, keepdim=True) == 0
+        codes = torch.where(zero, torch.full_like(codes, 127), codes)  # m2's 2**0 for zeros
+        self._store(g, codes)
+        self.scale = r * get_format("e8m0").decode(codes)
+
+    def use_group(self, g: int) -> None:
+        self.scale = self.effective[:, g : g + 1]
+
+    def round_column(self, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Element values (float32, encoded once in :meth:`result`) and dequantized values."""
+        elements = self.elem.round(col / self.scale).float()
+        return elements[:, 0], elements * self.scale
+
+    def result(self, elements: torch.Tensor) -> BlockQuantized:
+        """The quantized weight from the element values ``[R, C]`` GPTQ chose."""
+        scales = BlockScales(self.cfg, self.rows, self.cols, self.scales, self.row_scales)
+        return BlockQuantized(self.elem.encode(elements), scales)
+
+
+def gptq_columns(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantizer: ColumnQuantizer,
+    percdamp: float = 0.01,
+    act_order: bool = True,
+    static_groups: bool = False,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The GPTQ loop on any column grid: minimise tr(E H E^T) for W ``[R, C]``, H ``[C, C]``.
+
+    Returns the codes ``[R, C]`` (stored column order, the dtype ``round_column`` gives), the
+    stored permutation (``None`` in input order: no act-order, or static groups) and the
+    percdamp used; the quantizer holds the group statistics.
+    """
+    w, h = prepare_hessian(weight, hessian)
+    rows, cols = w.shape
+    group = quantizer.group_width(cols)
+    if static_groups:
+        quantizer.fit_static(w)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    upper, used = inverse_hessian_cholesky(h, percdamp)
+    codes = None  # allocated with the dtype of the quantizer's codes
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static_groups:
+                quantizer.use_group((int(perm[col]) if perm is not None else col) // group)
+            elif col % group == 0:
+                window = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
+                quantizer.fit_group(col // group, window)
+            code, q = quantizer.round_column(w1[:, i : i + 1])
+            if codes is None:
+                codes = torch.zeros(rows, cols, dtype=code.dtype)
+            codes[:, col] = code
+            e = (w1[:, i : i + 1] - q) / u1[i, i]
+            w1[:, i:] -= e @ u1[i : i + 1, i:]
+            err1[:, i : i + 1] = e
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    if static_groups and perm is not None:
+        codes, perm = codes[:, torch.argsort(perm)], None
+    return codes, perm, used
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -117,44 +289,43 @@ def gptq_quantize(
     block_size: int = 128,
 ) -> GPTQResult:
     """Quantize ``weight`` ``[R, C]`` on ``grid`` minimising tr(E H E^T), H ``[C, C]``."""
-    w, h = prepare_hessian(weight, hessian)
-    rows, cols = w.shape
-    group = grid.group_width(cols)
-    static = _static_params(w, grid) if static_groups else None
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
-    if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
-    upper, used = inverse_hessian_cholesky(h, percdamp)
-    n_groups = grid.num_groups(cols)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups)
-    scale = zero = None
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = upper[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static is not None:
-                g = int(perm[col]) // group if perm is not None else col // group
-                scale, zero = static[0][:, g : g + 1], static[1][:, g : g + 1]
-            elif col % group == 0:
-                window = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
-                scale, zero = minmax_params(window, grid.bits, grid.symmetric, grid.round_zero)
-                scales[:, col // group], zeros[:, col // group] = scale[:, 0], zero[:, 0]
-            q = quantize(w1[:, i : i + 1], scale, zero, grid.bits)
-            codes[:, col] = q[:, 0].to(torch.uint8)
-            e = (w1[:, i : i + 1] - dequantize(q, scale, zero)) / u1[i, i]
-            w1[:, i:] -= e @ u1[i : i + 1, i:]
-            err1[:, i : i + 1] = e
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
-    if static is not None:
-        if perm is not None:
-            codes = codes[:, torch.argsort(perm)]
-        return GPTQResult(codes, static[0], static[1], None, used)
-    return GPTQResult(codes, scales, zeros, perm, used)
+    quantizer = IntColumns(grid, *weight.shape)
+    codes, perm, used = gptq_columns(
+        weight, hessian, quantizer, percdamp, act_order, static_groups, block_size
+    )
+    return GPTQResult(codes, quantizer.scales, quantizer.zeros, perm, used)
+
+
+def gptq_quantize_blocks(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    cfg: BlockScaledConfig,
+    percdamp: float = 0.01,
+    act_order: bool = True,
+    static_groups: bool = True,
+    block_size: int = 128,
+) -> tuple[BlockQuantized, float]:
+    """GPTQ onto a block-scaled format (FP4/FP8 with amax, M1 or M2 scales, ...).
+
+    Args:
+        weight: ``[R, C]`` float; hessian: ``[C, C]``.
+        static_groups: scales from the original weights (required with ``act_order``: a
+            block-scaled weight stores no column permutation); otherwise each group's scale is
+            fitted on the error-updated weights when GPTQ reaches its first column.
+    Returns:
+        The quantized weight (codes ``[R, C]`` uint8 in input order, its scales) and the
+        percdamp used.
+    """
+    if act_order and not static_groups:
+        raise LowbitError(
+            "block-scaled weights store no column permutation: use static groups with "
+            "act-order, or turn act-order off to fit each group's scale as GPTQ reaches it"
+        )
+    quantizer = BlockColumns(cfg, prepare_hessian(weight, hessian)[0])
+    codes, _, used = gptq_columns(
+        weight, hessian, quantizer, percdamp, act_order, static_groups, block_size
+    )
+    return quantizer.result(codes), used
 
 
 def _static_params(w: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:

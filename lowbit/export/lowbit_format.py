@@ -24,8 +24,8 @@ from torch import nn
 
 from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError
-from lowbit.formats.codecs import stored_weight_from
 from lowbit.models.arch import set_submodule
+from lowbit.nn.act_quant import SIMULATED
 from lowbit.nn.quant_linear import QuantLinear
 
 FORMAT_VERSION = 1
@@ -67,9 +67,16 @@ def save_quantized(
     manifest = dict(manifest)
     manifest["format_version"] = FORMAT_VERSION
     manifest["layers"] = {
-        name: {"weight": q.weight_meta, **manifest.get("layers", {}).get(name, {})}
+        name: {
+            "weight": q.weight_meta,
+            **q.addon_meta(),
+            **manifest.get("layers", {}).get(name, {}),
+        }
         for name, q in layers.items()
     }
+    acts = sorted({q.act_quant.describe() for q in layers.values() if q.act_quant is not None})
+    if acts:
+        manifest["activations"] = {"quantized": acts, "execution_cpu": SIMULATED}
     with atomic_dir(out) as tmp:
         save_file(_unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = model.config.to_dict()
@@ -135,7 +142,7 @@ def load_quantized(
         prefix = f"{name}."
         own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         bias = own.pop("bias", None)
-        set_submodule(model, name, QuantLinear(stored_weight_from(layer["weight"], own), bias))
+        set_submodule(model, name, QuantLinear.from_stored(layer, own, bias))
         for k in list(tensors):
             if k.startswith(prefix):
                 del tensors[k]
@@ -155,8 +162,12 @@ def load_quantized(
 
 
 def _is_quant_buffer(model: nn.Module, key: str) -> bool:
-    owner = key.rpartition(".")[0]
-    try:
-        return isinstance(model.get_submodule(owner), QuantLinear)
-    except AttributeError:
-        return False
+    """Whether ``key`` is a buffer of a QuantLinear or of one of its add-ons."""
+    parts = key.split(".")[:-1]
+    for end in range(len(parts), 0, -1):
+        try:
+            if isinstance(model.get_submodule(".".join(parts[:end])), QuantLinear):
+                return True
+        except AttributeError:
+            return False
+    return False

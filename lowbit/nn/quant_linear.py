@@ -7,6 +7,8 @@ from torch import nn
 
 from lowbit.formats.codecs import StoredWeight, stored_weight_from
 from lowbit.kernels import dispatch
+from lowbit.nn.act_quant import ActQuantizer
+from lowbit.nn.lowrank import LowRank
 
 
 class QuantLinear(nn.Module):
@@ -15,9 +17,19 @@ class QuantLinear(nn.Module):
     The stored weight's tensors are buffers (so they are what ``state_dict`` saves); the
     dequantized fp32 weight ``[out_features, in_features]`` is cached after the first forward
     (drop it with :meth:`drop_cache`) and is never saved.
+
+    Optional add-ons (submodules, saved with the layer): ``act_quant`` quantizes the input
+    before the matmul (W4A8, W8A8); ``lowrank`` adds ``(x V^T) U^T`` computed from the
+    unquantized input (LoRC). With both: ``y = Q(x) W^T + (x V^T) U^T + b``.
     """
 
-    def __init__(self, weight: StoredWeight, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        weight: StoredWeight,
+        bias: torch.Tensor | None = None,
+        act_quant: ActQuantizer | None = None,
+        lowrank: LowRank | None = None,
+    ) -> None:
         super().__init__()
         self.in_features = weight.in_features
         self.out_features = weight.out_features
@@ -28,6 +40,36 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._dequantized: torch.Tensor | None = None
         self.kernel = "auto"  # or "reference": always dequantize-and-matmul
+        self.act_quant = act_quant
+        self.lowrank = lowrank
+        if lowrank is not None and (lowrank.u.shape[0], lowrank.v.shape[1]) != (
+            self.out_features,
+            self.in_features,
+        ):
+            raise ValueError("low-rank factors do not match the layer's shape")
+
+    @classmethod
+    def from_stored(
+        cls, layer: dict, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None
+    ) -> QuantLinear:
+        """Rebuild a layer from its manifest entry (``weight`` meta, optional ``act_quant`` and
+        ``lowrank`` metas) and its saved tensors (names relative to the layer)."""
+        tensors = dict(tensors)
+        act = lowrank = None
+        if "lowrank" in layer:
+            lowrank = LowRank(tensors.pop("lowrank.u"), tensors.pop("lowrank.v"))
+        if "act_quant" in layer:
+            act = ActQuantizer.from_meta(layer["act_quant"], tensors.pop("act_quant.scale", None))
+        return cls(stored_weight_from(layer["weight"], tensors), bias, act, lowrank)
+
+    def addon_meta(self) -> dict:
+        """Manifest entries of the add-ons present (none for a plain quantized linear)."""
+        out = {}
+        if self.act_quant is not None:
+            out["act_quant"] = self.act_quant.meta()
+        if self.lowrank is not None:
+            out["lowrank"] = self.lowrank.meta()
+        return out
 
     def stored_weight(self) -> StoredWeight:
         return stored_weight_from(
@@ -40,14 +82,37 @@ class QuantLinear(nn.Module):
             self._dequantized = self.stored_weight().dequantize()
         return self._dequantized
 
+    def effective_weight(self) -> torch.Tensor:
+        """fp32 ``[out_features, in_features]``: the stored weight plus the low-rank add-on."""
+        w = self.dequantized_weight()
+        return w if self.lowrank is None else w + self.lowrank.weight()
+
     def drop_cache(self) -> None:
         self._dequantized = None
 
     def bits_per_weight(self) -> float:
-        return self.stored_weight().bits_per_weight()
+        """Stored bits per weight: the stored weight, plus low-rank factors and a static
+        activation scale when present (every saved tensor but the bias)."""
+        own = self.stored_weight().bits_per_weight()
+        extra = 0
+        if self.lowrank is not None:
+            extra += self.lowrank.stored_bits()
+        if self.act_quant is not None and self.act_quant.scale is not None:
+            extra += self.act_quant.scale.numel() * self.act_quant.scale.element_size() * 8
+        return own + extra / (self.in_features * self.out_features) if extra else own
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch.linear(self, x, self.kernel)
+        y = None
+        if self.act_quant is not None and x.is_cuda and self.kernel == "auto":
+            from lowbit.kernels import fp8_gpu  # real FP8 matmul where the hardware has it
+
+            y = fp8_gpu.linear(self, x)
+        if y is None:
+            xq = x if self.act_quant is None else self.act_quant(x)
+            y = dispatch.linear(self, xq, self.kernel)
+        if self.lowrank is not None:
+            y = y + self.lowrank(x).to(y.dtype)
+        return y
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,220 @@
+"""ZeroQuant-FP (Wu, Yao, He 2023): floating-point W4A8 / W8A8 with GPTQ weights, M1/M2 scale
+constraints and LoRC.
+
+Per linear of a block: GPTQ quantizes the weight onto the chosen grid (FP4/FP8 elements with
+group scales, block-scaled and packed as :class:`~lowbit.formats.packed_block.PackedBlockWeight`,
+or GPTQ's integer grid as :class:`~lowbit.formats.packed_int.PackedIntWeight`); the layer's input
+is then quantized at run time to INT8/FP8 (per token, or per tensor with a scale calibrated from
+the absmax seen in this same pass); optionally LoRC adds a rank-m SVD of the weight error.
+
+Scale constraints make an FP4 weight castable to FP8 by an exponent shift (the Hopper FP8 path in
+:mod:`lowbit.kernels.fp8_gpu`): ``m1`` rounds every group scale up to a power of two (E8M0),
+``m2`` keeps one fp16 scale per output channel and power-of-two ratios per group.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.algorithms.base import LayerReport, register
+from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize_blocks, gptq_solve
+from lowbit.algorithms.linearwise import Solution, relative_errors
+from lowbit.algorithms.lorc import lorc
+from lowbit.errors import LowbitError
+from lowbit.formats.blockscale import BlockScaledConfig
+from lowbit.formats.element import get_format
+from lowbit.formats.fp import FloatFormat
+from lowbit.formats.intfmt import IntFormat
+from lowbit.formats.packed_block import PackedBlockWeight
+from lowbit.nn.act_quant import GRANULARITIES, ActQuantizer, check_act_format, observe_absmax
+from lowbit.nn.quant_linear import QuantLinear
+
+SCALE_CONSTRAINTS = {"none": ("amax", "fp16"), "m1": ("m1", "e8m0"), "m2": ("m2", "fp16")}
+
+
+@dataclass(frozen=True)
+class ZQFPConfig(GPTQConfig):
+    """ZeroQuant-FP settings: GPTQ (all of :class:`GPTQConfig`'s fields) onto an FP or INT weight
+    grid, plus activation quantization and LoRC.
+
+    ``bits`` follows ``weight_format`` (0 = take it from there; a contradicting value is an
+    error). ``static_groups`` defaults to on here: with act-order, block-scaled FP weights need
+    it (they store no column permutation); turn act-order off for dynamic groups.
+
+    Attributes:
+        weight_format: fp4_e2m1 or fp8_e4m3 (FP elements with group scales, GPTQ onto the FP
+            grid) or int4, int8 (GPTQ's integer grid); any signed format of the formats layer.
+        act_format: format of every quantized linear's input: fp8_e4m3, fp8_e5m2, int8, or none
+            (weights only). Simulated on CPU.
+        act_granularity: token (dynamic scale per token) or tensor (static scale from the
+            absmax of the calibration inputs).
+        abits: activation bits: 0 = from act_format (16 for none); a contradicting value is an
+            error.
+        scale_constraint: none (fp16 group scales), m1 (each group scale a power of two, E8M0)
+            or m2 (fp16 scale per output channel times power-of-two group ratios); FP weights.
+        lorc_rank: rank of the LoRC compensation (SVD of the weight error, fp16 factors added
+            in the forward and counted in the bits); 0 = off.
+    """
+
+    method = "zqfp"
+    bits: int = 0
+    static_groups: bool = True
+    weight_format: str = "fp4_e2m1"
+    act_format: str = "fp8_e4m3"
+    act_granularity: str = "token"
+    abits: int = 0
+    scale_constraint: str = "none"
+    lorc_rank: int = 0
+
+    def __post_init__(self) -> None:
+        wfmt = _weight_format(self.weight_format)
+        _derive(self, "bits", wfmt.bits, f"weight format {self.weight_format}")
+        if self.act_format != "none":
+            try:
+                check_act_format(self.act_format)
+            except ValueError as exc:
+                raise LowbitError(f"{exc}, or none") from None
+        act_bits = 16 if self.act_format == "none" else get_format(self.act_format).bits
+        _derive(self, "abits", act_bits, f"activation format {self.act_format}")
+        super().__post_init__()
+        self._check_choices(isinstance(wfmt, FloatFormat))
+
+    def _check_choices(self, fp: bool) -> None:
+        if self.scale_constraint not in SCALE_CONSTRAINTS:
+            raise LowbitError(
+                f"scale constraint '{self.scale_constraint}' unknown; known: "
+                f"{', '.join(SCALE_CONSTRAINTS)}"
+            )
+        if self.act_granularity not in GRANULARITIES:
+            raise LowbitError(
+                f"activation granularity '{self.act_granularity}' unknown; known: "
+                f"{', '.join(GRANULARITIES)}"
+            )
+        if self.lorc_rank < 0:
+            raise LowbitError(f"lorc_rank must be >= 0 (0 = off), got {self.lorc_rank}")
+        if not fp:
+            if self.scale_constraint != "none":
+                raise LowbitError(
+                    f"scale constraint {self.scale_constraint} applies to FP "
+                    f"weight formats, not {self.weight_format}; use none"
+                )
+            return
+        if not self.symmetric:
+            raise LowbitError("FP weight formats are symmetric; drop --asym")
+        if self.scale_constraint == "m2" and self.group_size == -1:
+            raise LowbitError(
+                "scale constraint m2 needs groups (per-channel scale x per-group "
+                "ratios): set --group-size, or use m1 per channel"
+            )
+        if self.act_order and not self.static_groups:
+            raise LowbitError(
+                "FP weights store no column permutation: with act-order keep "
+                "--static-groups, or use --no-act-order for dynamic groups"
+            )
+
+    @property
+    def block_config(self) -> BlockScaledConfig | None:
+        """The block-scaled format of FP weights (``None`` for integer weights)."""
+        if not isinstance(get_format(self.weight_format), FloatFormat):
+            return None
+        rule, scale_format = SCALE_CONSTRAINTS[self.scale_constraint]
+        return BlockScaledConfig(self.weight_format, self.group_size, scale_format, rule)
+
+    def act_quantizer(self, absmax: float) -> ActQuantizer | None:
+        """The input quantizer of one linear (``absmax``: its calibration inputs' max |x|)."""
+        if self.act_format == "none":
+            return None
+        if self.act_granularity == "tensor":
+            return ActQuantizer.static(self.act_format, absmax)
+        return ActQuantizer(self.act_format, "token")
+
+
+def _weight_format(name: str) -> FloatFormat | IntFormat:
+    try:
+        fmt = get_format(name)
+    except ValueError as exc:
+        raise LowbitError(str(exc)) from None
+    if not isinstance(fmt, FloatFormat | IntFormat) or fmt.min >= 0 or fmt.bits < 2:
+        raise LowbitError(
+            f"weight format '{name}' must be a signed FP or integer format "
+            "(fp4_e2m1, fp8_e4m3, int4, int8, ...)"
+        )
+    return fmt
+
+
+def _derive(config: ZQFPConfig, field: str, value: int, source: str) -> None:
+    given = getattr(config, field)
+    if given == 0:
+        object.__setattr__(config, field, value)  # frozen: derived once, at construction
+    elif given != value:
+        raise LowbitError(
+            f"{field} {given} contradicts the {source} ({value} bits); leave "
+            f"{field} out or choose a {given}-bit format"
+        )
+
+
+def zqfp_solve(config: ZQFPConfig, weight: torch.Tensor, hessian: torch.Tensor) -> Solution:
+    """GPTQ onto ``config``'s weight grid: W ``[R, C]``, H ``[C, C]``."""
+    cfg = config.block_config
+    if cfg is None:
+        return gptq_solve(config, weight, hessian)
+    q, used = gptq_quantize_blocks(
+        weight,
+        hessian,
+        cfg,
+        config.percdamp,
+        config.act_order,
+        config.static_groups,
+        config.block_size,
+    )
+    return Solution(PackedBlockWeight.from_quantized(q), {"percdamp": used})
+
+
+@register(
+    "zqfp",
+    ZQFPConfig,
+    "ZeroQuant-FP: FP/INT weights by GPTQ, FP8/INT8 activations, M1/M2 scales, LoRC",
+)
+def apply_block(config: ZQFPConfig, ctx) -> list[LayerReport]:
+    names = [n for n in ctx.table.linear_names if not config.ignores(ctx.full_name(n))]
+    groups = ctx.table.sequential if config.true_sequential else (tuple(names),)
+    reports: list[LayerReport] = []
+    for group in groups:
+        members = [n for n in group if n in names]
+        if members:
+            reports += _quantize_group(config, ctx, members)
+    return reports
+
+
+def _quantize_group(config: ZQFPConfig, ctx, names: list[str]) -> list[LayerReport]:
+    """Hessians and input ranges of ``names`` from one pass, then each linear replaced."""
+    with observe_absmax({n: ctx.module(n) for n in names}) as absmax:
+        hessians = ctx.collect_hessians(names)
+    reports = []
+    for name in names:
+        linear, h = ctx.module(name), hessians[name]
+        start = time.perf_counter()
+        solution = zqfp_solve(config, linear.weight, h)
+        act = config.act_quantizer(absmax[name])
+        extra = {
+            **solution.extra,
+            "weight_format": config.weight_format,
+            "activations": "not quantized" if act is None else f"{act.describe()}, simulated",
+        }
+        lowrank = None
+        if config.lorc_rank:
+            w_q = solution.stored.dequantize()
+            lowrank = lorc(linear.weight, w_q, config.lorc_rank)
+            before = relative_errors(linear.weight, w_q, h)
+            extra["weight_rel_err_before_lorc"], extra["hessian_rel_err_before_lorc"] = before
+        quant = QuantLinear(solution.stored, linear.bias, act, lowrank)
+        w_err, h_err = relative_errors(linear.weight, quant.effective_weight(), h)
+        ctx.replace(name, quant)
+        seconds = time.perf_counter() - start
+        reports.append(
+            LayerReport(ctx.full_name(name), quant.bits_per_weight(), w_err, h_err, seconds, extra)
+        )
+    return reports
