@@ -145,11 +145,15 @@ def _layer_table(layers: list, per_block: bool) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    if args.tasks:
-        raise LowbitError("--tasks (lm-eval) is not available in this version; use --ppl/--kld")
+    from lowbit.cli import report as lm_eval_report
+
+    tasks = lm_eval_report.prepare(args) if args.tasks else None
+    ppl = args.ppl
+    if tasks is not None and args.ppl is getattr(args, "ppl_default", None):
+        ppl = []  # with --tasks, perplexity only for corpora named with --ppl
     loaded = api.load_model(args.model)
     base = api.load_model(args.base) if args.kld and args.base else None
-    scores = api.evaluate(loaded, args.ppl, args.kld, base, args.eval_seqlen, args.max_tokens)
+    scores = api.evaluate(loaded, ppl, args.kld, base, args.eval_seqlen, args.max_tokens)
     manifest = loaded.manifest or {}
     result = {
         "model": args.model,
@@ -173,6 +177,10 @@ def evaluate(args: argparse.Namespace) -> int:
             f"kld (vs {loaded.source if not args.base else args.base}): {result['kld']:.5f}  "
             f"top-1 agreement: {result['top1_agreement']:.4f}"
         )
+    if tasks is not None:
+        result.update(lm_eval_report.run(args, tasks, loaded))
+        result["seconds"] += result["lm_eval"]["seconds"]
+        result["peak_rss_mb"] = api.peak_rss_mb()
     _write_json(args.json, result)
     return 0
 

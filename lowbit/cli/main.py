@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lowbit.algorithms.base import METHODS
     from lowbit.cli import commands
     from lowbit.cli.method_flags import add_method_flags
+    from lowbit.cli.report import add_compare_flags, add_task_flags, compare
 
     parser = argparse.ArgumentParser(
         prog="lowbit", description="Low-bit quantization of causal LMs"
@@ -45,13 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_flags(p)
     p.set_defaults(func=commands.quantize)
 
-    p = sub.add_parser("eval", help="perplexity and KL divergence of a model or quantized DIR")
+    p = sub.add_parser("eval", help="perplexity, KL divergence and lm-eval tasks of a model")
     p.add_argument("model", help="bundled name, local HF folder or lowbit DIR")
-    _add_eval_flags(p, default_ppl=["austen-pp"])
+    eval_ppl_default = ["austen-pp"]
+    _add_eval_flags(p, default_ppl=eval_ppl_default)
     p.add_argument("--base", help="model to measure KLD against (default: the DIR's source)")
-    p.add_argument("--tasks", help="lm-eval tasks (not available in this version)")
+    add_task_flags(p)
     p.add_argument("--json", metavar="FILE", help="write results as JSON")
-    p.set_defaults(func=commands.evaluate)
+    p.set_defaults(func=commands.evaluate, ppl_default=eval_ppl_default)
+
+    p = sub.add_parser("compare", help="table and plots across `eval`/`quantize` JSON results")
+    add_compare_flags(p)
+    p.set_defaults(func=compare)
 
     p = sub.add_parser("generate", help="greedy text generation")
     p.add_argument("model", help="bundled name, local HF folder or lowbit DIR")
