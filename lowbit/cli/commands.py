@@ -102,7 +102,13 @@ def quantize(args: argparse.Namespace) -> int:
         scores = api.evaluate(
             loaded, args.ppl, args.kld, seqlen=args.eval_seqlen, max_tokens=args.max_tokens
         )
-        report.update(ppl=scores["ppl"], kld=scores["kld"])
+        report.update(
+            ppl=scores["ppl"],
+            kld=scores["kld"],
+            top1_agreement=scores.get("top1_agreement"),
+            eval_tokens=scores["eval_tokens"],
+            eval_seqlen=args.eval_seqlen,
+        )
     report["peak_rss_mb"] = api.peak_rss_mb()
     print(
         f"\n{args.method}: {result.avg_bits:.3f} bits/weight over quantized linears, "
