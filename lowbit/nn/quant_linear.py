@@ -7,6 +7,7 @@ from torch import nn
 
 from lowbit.formats.codecs import StoredWeight, stored_weight_from
 from lowbit.kernels import dispatch
+from lowbit.kernels import spqr_cpu as _spqr_cpu  # noqa: F401  (registers SpQR's fast path)
 from lowbit.nn.act_quant import ActQuantizer
 from lowbit.nn.lowrank import LowRank
 
