@@ -30,7 +30,7 @@ def main() -> int:
     ev = {"ppl": ["austen-pp"], "seqlen": 512, "max_tokens": args.max_tokens}
     base = api.load_model(args.model)
     print(f"[demo] evaluating base {args.model} (fp32, dequantized from its GGUF)", flush=True)
-    rows = [_row("base (fp32)", 32.0, 0.0, api.evaluate(base, **ev))]
+    rows = [_row("base (fp32)", 32.0, None, api.evaluate(base, **ev))]
     for method in ("rtn", "gptq"):
         print(f"[demo] quantizing with {method} W{args.bits} g{args.group_size}", flush=True)
         loaded = api.load_model(args.model)
@@ -47,7 +47,8 @@ def main() -> int:
     print(
         f"\nW{args.bits} g{args.group_size} symmetric, calibration: {args.nsamples} x 512 tokens "
         f"of austen-emma; evaluation: first {args.max_tokens} tokens of austen-pp, windows of "
-        "512; avg bits count codes + scales over the quantized linears."
+        "512; avg bits count the stored codes, scales and act-order permutation of the\n"
+        "quantized linears."
     )
     print(
         f"reloaded GPTQ from {out}: ppl {'identical' if same else 'DIFFERENT'} "
@@ -60,7 +61,7 @@ def main() -> int:
     return 0 if same else 1
 
 
-def _row(name: str, bits: float, seconds: float, scores: dict) -> list:
+def _row(name: str, bits: float, seconds: float | None, scores: dict) -> list:
     return [
         name,
         bits,
