@@ -24,6 +24,7 @@ import lowbit
 from lowbit.algorithms.base import LayerReport, MethodConfig, get_method  # noqa: F401
 from lowbit.data.calibration import calibration_batch
 from lowbit.data.corpora import load_text, text_sha256
+from lowbit.data.tokens import tokenizer_adds_bos
 from lowbit.engine.sequential import quantize_sequential
 from lowbit.errors import LowbitError
 from lowbit.eval.kld import kl_divergence
@@ -49,6 +50,11 @@ class LoadedModel:
     table: BlockTable
     spec: str
     manifest: dict | None = None
+
+    @property
+    def add_bos(self) -> bool:
+        """Every calibration/evaluation window starts with BOS (the tokenizer adds one)."""
+        return tokenizer_adds_bos(self.tokenizer)
 
     @property
     def source(self) -> str:
@@ -121,7 +127,7 @@ def quantize(
     _check_widths(loaded, config)
     text = load_text(calib.corpus)
     ids = calibration_batch(
-        loaded.tokenizer, text, calib.nsamples, calib.seqlen, calib.seed, loaded.table.add_bos
+        loaded.tokenizer, text, calib.nsamples, calib.seqlen, calib.seed, loaded.add_bos
     )
     start = time.perf_counter()
     reports = quantize_sequential(
@@ -203,7 +209,7 @@ def evaluate(
     """
     start = time.perf_counter()
     out: dict[str, Any] = {"ppl": {}, "eval_tokens": {}, "kld": None}
-    add_bos = loaded.table.add_bos
+    add_bos = loaded.add_bos
     kld_corpus = (kld_corpus or (ppl[0] if ppl else "austen-pp")) if kld else None
     if kld:
         if base is None:

@@ -19,7 +19,7 @@ CALIB = api.CalibSpec(nsamples=8, seqlen=128, batch_size=4)
 
 def _ppl(loaded, max_tokens=2048):
     text = load_text("austen-pp")
-    windows = eval_windows(loaded.tokenizer, text, 256, max_tokens, loaded.table.add_bos)
+    windows = eval_windows(loaded.tokenizer, text, 256, max_tokens, loaded.add_bos)
     return perplexity(loaded.model, windows, progress=False).ppl
 
 

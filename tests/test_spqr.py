@@ -295,7 +295,7 @@ def _ppl(loaded, max_tokens=512):
     from lowbit.eval.windows import eval_windows
 
     windows = eval_windows(loaded.tokenizer, load_text("austen-pp"), 256, max_tokens,
-                           loaded.table.add_bos)
+                           loaded.add_bos)
     return perplexity(loaded.model, windows, progress=False).ppl
 
 

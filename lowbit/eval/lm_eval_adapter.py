@@ -1,6 +1,6 @@
 """lm-evaluation-harness adapter: any lowbit model evaluated as an lm-eval ``LM``, in process.
 
-``LowbitLM`` wraps a causal LM and its tokenizer (the ``.model``/``.tokenizer``/``.table.add_bos``
+``LowbitLM`` wraps a causal LM and its tokenizer (the ``.model``/``.tokenizer``/``.add_bos``
 of a ``LoadedModel``: a bundled model, a HF folder or a quantized lowbit DIR, simulated
 activation quantization included) and answers lm-eval's three request types:
 
@@ -16,9 +16,9 @@ activation quantization included) and answers lm-eval's three request types:
 * ``generate_until`` (context, gen_kwargs): greedy decoding with ``model.generate``, left-padded
   batches, cut at the first ``until`` string.
 
-BOS: with ``add_bos`` (the block table's flag: Gemma yes, SmolLM2 no) every sequence starts with
-the BOS token, and a request with an empty context is conditioned on BOS; without it, on EOS
-(lm-eval's convention).
+BOS: with ``add_bos`` (``LoadedModel.add_bos``, from the tokenizer: Gemma yes, SmolLM2 no)
+every sequence starts with the BOS token, and a request with an empty context is conditioned
+on BOS; without it, on EOS (lm-eval's convention).
 
 ``import lowbit.eval.lm_eval_adapter`` registers the model name ``lowbit``, so
 ``lm_eval.simple_evaluate(model="lowbit", model_args="pretrained=smollm2-135m")`` works too;
@@ -100,7 +100,7 @@ class LowbitLM(TemplateLM):
 
             loaded = load_model(str(pretrained))
             model, tokenizer = loaded.model, loaded.tokenizer
-            add_bos = loaded.table.add_bos if add_bos is None else add_bos
+            add_bos = loaded.add_bos if add_bos is None else add_bos
         if tokenizer is None:
             raise LowbitError("LowbitLM needs the model's tokenizer")
         if device is not None:
@@ -123,9 +123,9 @@ class LowbitLM(TemplateLM):
 
     @classmethod
     def from_loaded(cls, loaded: Any, **kwargs: Any) -> LowbitLM:
-        """Wrap a ``lowbit.api.LoadedModel`` (its model, tokenizer and ``table.add_bos``)."""
+        """Wrap a ``lowbit.api.LoadedModel`` (its model, tokenizer and ``add_bos``)."""
         return cls(
-            model=loaded.model, tokenizer=loaded.tokenizer, add_bos=loaded.table.add_bos, **kwargs
+            model=loaded.model, tokenizer=loaded.tokenizer, add_bos=loaded.add_bos, **kwargs
         )
 
     # ------------------------------------------------------------------ tokens

@@ -28,13 +28,14 @@ class BlockTable:
         sequential: groups of linear names (relative to a block) in compute order; the linears of
             one group share an input.
         norm_feeds: pairs (norm name, linears it feeds directly).
-        add_bos: every evaluation/calibration window starts with the BOS token.
+
+    Whether windows start with BOS is the tokenizer's business, not the architecture's
+    (Llama-2 adds BOS, SmolLM2, also a Llama, does not): see ``LoadedModel.add_bos``.
     """
 
     blocks: str
     sequential: tuple[tuple[str, ...], ...]
     norm_feeds: tuple[tuple[str, tuple[str, ...]], ...]
-    add_bos: bool
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -53,7 +54,6 @@ _LLAMA = BlockTable(
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
-    add_bos=False,
 )
 
 _GEMMA3 = BlockTable(
@@ -63,7 +63,6 @@ _GEMMA3 = BlockTable(
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
-    add_bos=True,
 )
 
 _OPT = BlockTable(
@@ -78,7 +77,6 @@ _OPT = BlockTable(
         ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("final_layer_norm", ("fc1",)),
     ),
-    add_bos=True,
 )
 
 TABLES: dict[str, BlockTable] = {
