@@ -17,10 +17,15 @@ run() {  # name, then quantize flags
   "$LOWBIT" quantize "$m" "$@" "${COMMON[@]}" --out "runs/$m-$name" --json "$OUT/$m-$name.json"
 }
 for m in ${*:-smollm2-135m gemma3-270m}; do
+  # ~3.7 and ~4.7 bits: SpQR 3-/4-bit 16x16 (tau 1.0 at 3 bits, percdamp 0.01, see docs/SPQR.md)
   run "$m" spqr-w3-t1-d001 --method spqr --bits 3 --outlier-threshold 1.0 --percdamp 0.01
   run "$m" spqr-w4-d001 --method spqr --bits 4 --percdamp 0.01
+  # RTN/GPTQ symmetric g32 near the same bits (3.5 / 4.5); W3/W4 g128 rows are in foundation
+  run "$m" gptq-w3-g32 --method gptq --bits 3 -g 32 --sym
+  run "$m" rtn-w3-g32 --method rtn --bits 3 -g 32 --sym
   run "$m" gptq-w4-g32 --method gptq --bits 4 -g 32 --sym
   run "$m" rtn-w4-g32 --method rtn --bits 4 -g 32 --sym
+  # the METHODS.md defaults (tau 0.2, percdamp 1.0)
   run "$m" spqr-w3 --method spqr --bits 3
   run "$m" spqr-w4 --method spqr --bits 4
 done

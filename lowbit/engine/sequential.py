@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.base import LayerReport, Method, MethodConfig
 from lowbit.engine.capture import capture_block_inputs
-from lowbit.engine.context import BlockContext
+from lowbit.engine.context import BlockContext, drop_dense_caches
 from lowbit.models.arch import BlockTable, get_blocks
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def quantize_sequential(
         with torch.enable_grad():
             block_reports = method.apply_block(config, ctx)
         hidden = ctx.run()
+        drop_dense_caches(block)
         reports.extend(block_reports)
         log.debug("block %d done in %.1fs", index, time.perf_counter() - start)
         bar.update(1)
