@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.set_defaults(func=commands.generate)
+
+    from lowbit.cli import export_cmd
+
+    export_cmd.add_parser(sub)
     return parser
 
 

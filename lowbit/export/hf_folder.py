@@ -1,0 +1,81 @@
+"""Writing an export folder: the source DIR's float tensors and tokenizer, new quantized
+tensors, and a ``config.json`` with the target's quantization config and provenance.
+
+Shared by every export target (:mod:`lowbit.export.compressed_tensors`,
+:mod:`lowbit.export.gptq_layout`); the folder is written atomically like a lowbit DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lowbit.atomic import atomic_dir
+from lowbit.errors import LowbitError
+from lowbit.export.lowbit_format import MANIFEST, WEIGHTS
+from lowbit.export.provenance import CONFIG_KEY
+
+# files of a lowbit DIR that an export rewrites instead of copying
+_REWRITTEN = {MANIFEST, WEIGHTS, "config.json"}
+
+
+def check_export_dir(out: str | Path, src: str | Path) -> Path:
+    """LowbitError unless ``out`` is absent or an empty folder, and not ``src`` itself."""
+    out = Path(out)
+    if out.resolve() == Path(src).resolve():
+        raise LowbitError(f"--out {out} is the source DIR; choose another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LowbitError(f"output folder {out} exists and is not empty; choose another --out")
+    return out
+
+
+def float_tensors(src: Path, quantized: list[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``src``'s weights file that does not belong to a quantized layer
+    (embeddings, norms, untied LM head, and the quantized layers' biases)."""
+    prefixes = tuple(f"{name}." for name in quantized)
+    out = {}
+    with safe_open(str(src / WEIGHTS), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118
+            if not key.startswith(prefixes) or key.endswith(".bias"):
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def write_export(
+    src: Path,
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    quantization_config: dict[str, Any],
+    provenance: dict[str, Any],
+    extra_files: dict[str, str] | None = None,
+    config_updates: dict[str, Any] | None = None,
+) -> Path:
+    """Write the export folder ``out`` atomically.
+
+    Args:
+        tensors: every tensor of the exported model, by checkpoint name.
+        quantization_config: the target's ``config.json`` ``quantization_config``.
+        provenance: stored as ``config.json`` key ``lowbit_export``.
+        extra_files: file name -> text (e.g. GPTQ's ``quantize_config.json``).
+        config_updates: other top-level ``config.json`` keys to set (e.g. ``dtype``).
+    """
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    config[CONFIG_KEY] = provenance
+    config.update(config_updates or {})
+    with atomic_dir(out) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        for file in src.iterdir():
+            if file.is_file() and file.name not in _REWRITTEN:
+                shutil.copy2(file, tmp / file.name)
+    return out
