@@ -194,11 +194,25 @@ def evaluate(args: argparse.Namespace) -> int:
 def generate(args: argparse.Namespace) -> int:
     import torch
 
-    loaded = api.load_model(args.model)
-    ids = loaded.tokenizer(args.prompt, return_tensors="pt")
-    with torch.inference_mode():
-        out = loaded.model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(loaded.tokenizer.decode(out[0], skip_special_tokens=True))
+    from lowbit.infer.decode import DecodeConfig, greedy_generate
+    from lowbit.infer.prepare import path_counts, prepare_model
+
+    if args.max_new_tokens < 1:
+        raise LowbitError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    loaded = api.load_model(args.model, dtype)
+    paths = path_counts(prepare_model(loaded.model, dtype))
+    config = DecodeConfig(args.max_new_tokens, compile=args.compile)
+    text, run = greedy_generate(loaded.model, loaded.tokenizer, args.prompt, config)
+    print(text)
+    kernels = ", ".join(f"{n} {p}" for p, n in paths.items()) or "dense torch"
+    print(
+        f"[{args.dtype}, kernels: {kernels}; static KV cache"
+        f"{', compiled decode step' if run.compiled else ''}] prefill "
+        f"{run.prompt_len} tokens {run.prefill_seconds:.3f} s; {len(run.new_tokens)} new tokens, "
+        f"decode {run.decode_tokens_per_second:.1f} tok/s",
+        file=sys.stderr,
+    )
     return 0
 
 

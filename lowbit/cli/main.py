@@ -63,11 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="bundled name, local HF folder or lowbit DIR")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="activation dtype (default bf16: the fast int4/int8 kernels)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step first")
     p.set_defaults(func=commands.generate)
 
     from lowbit.cli import export_cmd
 
     export_cmd.add_parser(sub)
+    from lowbit.cli.bench_cmd import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -10,6 +10,12 @@ permutation as int64 and the CSR tensor.
 Registered for stored-weight kind ``"spqr"`` with
 :func:`lowbit.kernels.dispatch.register_fast_path` when this module is imported (importing
 :mod:`lowbit.algorithms` does it).
+
+For bf16 activations a prepared kernel replaces it (:func:`plan_spqr`, registered with
+:func:`lowbit.kernels.dispatch.register_planner`): the dense part of a 2-4 bit weight goes
+through torch's int4pack op (:mod:`lowbit.kernels.int4_cpu`; SpQR's 16-column groups each fill
+half of a 32-column op group) and the outliers are added by one fp32 sparse CSR matmul
+(:class:`SparseAdd`).
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from dataclasses import dataclass
 from math import gcd
 
 import torch
+from torch import nn
 
 from lowbit.kernels import dispatch
 from lowbit.kernels import triton as triton_kernels
+from lowbit.kernels.int4_cpu import Int4Linear, build_int4
 
 TILE_WEIGHTS = 1 << 18  # weights dequantized per tile (int32 codes + fp32 values: 2 MiB)
 
@@ -126,6 +134,79 @@ def spqr_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None
     return y.reshape(*lead, rows).to(x.dtype)
 
 
+class SparseAdd(nn.Module):
+    """``y + x S^T`` for the outliers ``S [N, K]`` (input column order), as one fp32 sparse CSR
+    matmul (faster than a gather and scatter-add, eager or compiled).
+
+    Buffers (non-persistent): ``outliers``, fp32 sparse CSR ``[N, K]`` with int32 indices.
+    """
+
+    def __init__(self, rows: int, cols: int, rowptr: torch.Tensor, col: torch.Tensor,
+                 values: torch.Tensor) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            csr = torch.sparse_csr_tensor(
+                rowptr.to(torch.int32), col.to(torch.int32), values.float(), (rows, cols),
+                check_invariants=True,
+            )
+        self.register_buffer("outliers", csr, persistent=False)
+
+    def forward(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x2 [M, K]``, ``y [M, N]`` -> fp32 ``y + x2 S^T``."""
+        return y.float() + (self.outliers @ x2.float().t()).t()
+
+
+class SpQRInt4Linear(nn.Module):
+    """SpQR weight as an :class:`~lowbit.kernels.int4_cpu.Int4Linear` (dense part, no bias)
+    plus a :class:`SparseAdd` of the outliers (None without outliers) plus the bias."""
+
+    path = "spqr-int4"
+
+    def __init__(self, dense: Int4Linear, sparse: SparseAdd | None, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = dense.in_features, dense.out_features
+        self.dense = dense
+        self.sparse = sparse
+        self.register_buffer("bias", bias, persistent=False)
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return self.dense.accepts(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., C]`` bf16 -> ``[..., R]`` bf16."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = self.dense.matmul(x2)
+        if self.sparse is not None:
+            y = self.sparse(x2, y).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+def plan_spqr(stored, bias: torch.Tensor | None, dtype: torch.dtype) -> SpQRInt4Linear | None:
+    """The int4pack kernel for a 2-4 bit SpQR weight and bf16 activations, else None."""
+    if dtype != torch.bfloat16 or stored.bits > 4:
+        return None
+    scale, zero = stored.statistics()
+    codes, bits = stored.codes(), stored.bits
+    dense = build_int4(codes, bits, scale, zero, stored.beta1, stored.perm, None, dtype)
+    if dense is None:
+        return None
+    sparse = None
+    if stored.outlier_count:
+        cols, values = stored.outlier_cols.long(), stored.outlier_values
+        if stored.perm is not None:  # stored column -> input column, sorted again within rows
+            cols = stored.perm.long()[cols]
+            order = torch.argsort(stored.outlier_rows() * stored.in_features + cols)
+            cols, values = cols[order], values[order]
+        sparse = SparseAdd(stored.out_features, stored.in_features, stored.outlier_rowptr, cols,
+                           values)
+    return SpQRInt4Linear(dense, sparse, None if bias is None else bias.detach().to(dtype))
+
+
 dispatch.register_fast_path("spqr", spqr_linear)
+dispatch.register_planner("spqr", plan_spqr)
 # CUDA inputs: the Triton kernels (imported on first use; None without triton)
 dispatch.register_fast_path("spqr", triton_kernels.spqr_fast_path)

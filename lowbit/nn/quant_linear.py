@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from lowbit.formats.codecs import StoredWeight, stored_weight_from
+from lowbit.kernels import cpu_paths as _cpu_paths  # noqa: F401  (registers the CPU fast paths)
 from lowbit.kernels import dispatch
-from lowbit.kernels import spqr_cpu as _spqr_cpu  # noqa: F401  (registers SpQR's fast path)
+from lowbit.kernels import gpu_paths as _gpu_paths  # noqa: F401  (registers the CUDA kernels)
 from lowbit.nn.act_quant import ActQuantizer
 from lowbit.nn.lowrank import LowRank
 
@@ -15,9 +16,12 @@ from lowbit.nn.lowrank import LowRank
 class QuantLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` held as a stored low-bit weight.
 
-    The stored weight's tensors are buffers (so they are what ``state_dict`` saves); the
-    dequantized fp32 weight ``[out_features, in_features]`` is cached after the first forward
-    (drop it with :meth:`drop_cache`) and is never saved.
+    The stored weight's tensors are buffers (so they are what ``state_dict`` saves). The matmul
+    is chosen by :mod:`lowbit.kernels.dispatch`: for bf16/fp16 activations on CPU a prepared
+    kernel (``self.fast``: int4/int8 ops on repacked codes, or a weight dequantized once into
+    the activation dtype; non-persistent, never saved) is attached at load time or on the
+    first call; otherwise the reference path caches the dequantized fp32 weight
+    ``[out_features, in_features]`` (drop it with :meth:`drop_cache`), also never saved.
 
     Optional add-ons (submodules, saved with the layer): ``act_quant`` quantizes the input
     before the matmul (W4A8, W8A8); ``lowrank`` adds ``(x V^T) U^T`` computed from the
