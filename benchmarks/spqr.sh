@@ -3,7 +3,7 @@
 # as benchmarks/foundation.sh (calibration 32 x 512 tokens of austen-emma, seed 0; evaluation
 # on the first MAX_TOKENS tokens of austen-pp and brown, KLD on austen-pp). Existing results are
 # kept (re-running resumes). Results in results/spqr/*.json; base rows in results/foundation.
-# Usage: [MAX_TOKENS=N] benchmarks/spqr.sh [MODEL ...]
+# Usage: [MAX_TOKENS=N] [ONLY="run-name ..."] benchmarks/spqr.sh [MODEL ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOWBIT=${LOWBIT:-.venv/bin/lowbit}
@@ -14,6 +14,7 @@ run() {  # name, then quantize flags
   local m=$1 name=$2
   shift 2
   [ -f "$OUT/$m-$name.json" ] && return
+  [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
   "$LOWBIT" quantize "$m" "$@" "${COMMON[@]}" --out "runs/$m-$name" --json "$OUT/$m-$name.json"
 }
 for m in ${*:-smollm2-135m gemma3-270m}; do
@@ -25,6 +26,8 @@ for m in ${*:-smollm2-135m gemma3-270m}; do
   run "$m" rtn-w3-g32 --method rtn --bits 3 -g 32 --sym
   run "$m" gptq-w4-g32 --method gptq --bits 4 -g 32 --sym
   run "$m" rtn-w4-g32 --method rtn --bits 4 -g 32 --sym
+  # 3-bit codes with more outliers, still under 4 bits
+  run "$m" spqr-w3-t045-d001 --method spqr --bits 3 --outlier-threshold 0.45 --percdamp 0.01
   # the METHODS.md defaults (tau 0.2, percdamp 1.0)
   run "$m" spqr-w3 --method spqr --bits 3
   run "$m" spqr-w4 --method spqr --bits 4
