@@ -2,9 +2,10 @@
 # Issue 11 speed table: batch-1 decode and prefill tokens/s of quantized models against their
 # base model in fp32 and bf16 (`lowbit bench decode`, method in docs/SPEED.md), on an idle CPU.
 # Runs W4 g128 RTN (symmetric, ragged last group on SmolLM2's 576-wide layers: the same DIR as
-# benchmarks/foundation.sh, made here if absent) and every SpQR DIR found in runs/ for the model.
+# benchmarks/foundation.sh, made here if absent) and the SpQR DIRs of benchmarks/spqr.sh named in
+# SPQR (default: the 3-bit and 4-bit table points) when they exist in runs/.
 # A result JSON that exists is kept (re-running resumes). Results in results/speed/*.json.
-# Usage: [TOKENS=N] [PROMPT_LEN=P] [THREADS=T] benchmarks/decode.sh [MODEL ...]
+# Usage: [TOKENS=N] [PROMPT_LEN=P] [THREADS=T] [SPQR="name ..."] benchmarks/decode.sh [MODEL ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOWBIT=${LOWBIT:-.venv/bin/lowbit}
@@ -23,8 +24,9 @@ for m in ${*:-smollm2-135m gemma3-270m}; do
       --nsamples 32 --seqlen 512 --out "$rtn"
   fi
   bench "$rtn" "$m-rtn-w4-g128"
-  for dir in runs/"$m"-spqr-*; do
+  for name in ${SPQR:-spqr-w3-t1-d001 spqr-w4-d001}; do
+    dir=runs/$m-$name
     [ -f "$dir/lowbit.json" ] || continue
-    bench "$dir" "$(basename "$dir")"
+    bench "$dir" "$m-$name"
   done
 done
