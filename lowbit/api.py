@@ -21,10 +21,13 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.algorithms.base import LayerReport, MethodConfig, get_method  # noqa: F401
+from lowbit.algorithms.base import LayerReport, MethodConfig, get_method
 from lowbit.data.calibration import calibration_batch
 from lowbit.data.corpora import load_text, text_sha256
 from lowbit.data.tokens import tokenizer_adds_bos
+from lowbit.engine.guards import check_finite_weights
+from lowbit.engine.model_context import CheckpointStore, ModelContext
+from lowbit.engine.resume import BlockCheckpoints, tensor_sha256
 from lowbit.engine.sequential import quantize_sequential
 from lowbit.errors import LowbitError
 from lowbit.eval.kld import kl_divergence
@@ -118,25 +121,93 @@ def quantize(
     config: MethodConfig | dict[str, Any],
     calib: CalibSpec,
     progress: bool = True,
+    workdir: str | Path | None = None,
+    resume: bool = False,
 ) -> QuantizeResult:
-    """Quantize ``loaded.model`` in place, block by block."""
+    """Quantize ``loaded.model`` in place: block by block, or as a whole for whole-model
+    methods (training). Both keep resumable state in ``workdir`` (none if ``None``): per
+    finished block (:mod:`lowbit.engine.resume`), or training checkpoints; ``resume``
+    continues from it (an existing state without ``resume`` is an error)."""
     if loaded.manifest is not None:
         raise LowbitError(f"{loaded.spec} is already quantized; quantize the original model")
     if isinstance(config, dict):
         config = build_config(method, config)
+    registered = get_method(method)
     _check_widths(loaded, config)
+    check_finite_weights(loaded.model)
     text = load_text(calib.corpus)
-    ids = calibration_batch(
-        loaded.tokenizer, text, calib.nsamples, calib.seqlen, calib.seed, loaded.add_bos
-    )
+
+    def calib_ids() -> torch.Tensor:
+        return calibration_batch(
+            loaded.tokenizer, text, calib.nsamples, calib.seqlen, calib.seed, loaded.add_bos
+        )
+
     start = time.perf_counter()
-    reports = quantize_sequential(
-        loaded.model, loaded.table, ids, get_method(method), config, calib.batch_size, progress
-    )
-    seconds = time.perf_counter() - start
+    extra: dict[str, Any] = {}
+    earlier = 0.0  # seconds spent by an interrupted run this one resumes
+    if registered.apply_model is not None:
+        ctx = _model_context(loaded, calib, calib_ids, workdir, resume, progress)
+        reports, extra = registered.apply_model(config, ctx)
+    else:
+        ids = calib_ids()
+        store = _block_checkpoints(loaded, config, calib, text, ids, workdir, resume)
+        reports = quantize_sequential(
+            loaded.model, loaded.table, ids, registered, config, calib.batch_size, progress, store
+        )
+        earlier = store.earlier_seconds if store is not None else 0.0
+    seconds = earlier + time.perf_counter() - start
     return QuantizeResult(
-        method, config, calib, text_sha256(text), reports, average_bits(loaded.model), seconds
+        method, config, calib, text_sha256(text), reports, average_bits(loaded.model), seconds,
+        extra,
     )
+
+
+def _block_checkpoints(
+    loaded: LoadedModel,
+    config: MethodConfig,
+    calib: CalibSpec,
+    text: str,
+    ids: torch.Tensor,
+    workdir: str | Path | None,
+    resume: bool,
+) -> BlockCheckpoints | None:
+    """Per-block checkpoints in ``workdir``, fingerprinted by everything the result depends
+    on: method settings, calibration (spec, text, tokens) and the model's weights."""
+    if workdir is None:
+        return None
+    run = {
+        "config": config.to_dict(),
+        "calibration": {
+            **dataclasses.asdict(calib),
+            "text_sha256": text_sha256(text),
+            "tokens_sha256": tensor_sha256({"ids": ids}),
+        },
+        "model": {
+            "type": loaded.model.config.model_type,
+            "weights_sha256": tensor_sha256(loaded.model.state_dict()),
+        },
+    }
+    return BlockCheckpoints(CheckpointStore(workdir, resume), run)
+
+
+def _model_context(loaded, calib, calib_ids, workdir, resume, progress) -> ModelContext:
+    """The services a whole-model method gets: PTQ on the calibration data, token windows of
+    any corpus, a checkpoint folder."""
+
+    def ptq(name: str, settings: dict[str, Any]) -> list[LayerReport]:
+        cfg = build_config(name, settings)
+        return quantize_sequential(
+            loaded.model, loaded.table, calib_ids(), get_method(name), cfg, calib.batch_size,
+            progress,
+        )
+
+    def windows(corpus: str, n: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
+        text = load_text(corpus)
+        ids = calibration_batch(loaded.tokenizer, text, n, seqlen, seed, loaded.add_bos)
+        return ids, text_sha256(text)
+
+    store = None if workdir is None else CheckpointStore(workdir, resume)
+    return ModelContext(loaded.model, loaded.table, loaded.add_bos, ptq, windows, store, progress)
 
 
 def _check_widths(loaded: LoadedModel, config: MethodConfig) -> None:
@@ -176,6 +247,7 @@ def save_quantized(loaded: LoadedModel, result: QuantizeResult, out_dir: str | P
         "seconds": result.seconds,
         "versions": _versions(),
         "layers": {r.name: {"metrics": r.to_dict()} for r in result.layers},
+        **result.extra,
     }
     return lowbit_format.save_quantized(loaded.model, loaded.tokenizer, out_dir, manifest)
 

@@ -1,4 +1,4 @@
-"""Write a folder atomically: build it in a temporary sibling, then rename it into place."""
+"""Atomic writes: build a folder or a file in a temporary sibling, then rename it into place."""
 
 from __future__ import annotations
 
@@ -27,3 +27,21 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it replaces ``target`` in one rename.
+
+    A crash at any point leaves either the old file or the new one, never a partial file.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -5,8 +5,15 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU, Triton kernels run in its interpreter. Triton reads the switch when a module
+# with @triton.jit functions is first imported, so it is set for the whole session before
+# anything (torch.compile's inductor included) can import one; per-test monkeypatching was
+# order-dependent.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

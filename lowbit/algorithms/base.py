@@ -1,13 +1,17 @@
 """What every method shares: config (de)serialisation, the per-layer report, the registry.
 
-A method is a frozen config dataclass plus one ``apply_block(config, ctx)`` function that
+A method is a frozen config dataclass plus one registered function: ``apply_block(config, ctx)``
 quantizes the linears of one decoder block in place (``ctx`` is the engine's
-:class:`~lowbit.engine.context.BlockContext`) and returns one :class:`LayerReport` per linear.
+:class:`~lowbit.engine.context.BlockContext`) and returns one :class:`LayerReport` per linear;
+or, for methods that transform the whole model at once (end-to-end training),
+``apply_model(config, ctx)`` (``ctx``: :class:`~lowbit.engine.model_context.ModelContext`)
+returns the reports and a dict of run facts (``QuantizeResult.extra``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -54,7 +58,8 @@ class LayerReport:
     """Per-linear metrics recorded while quantizing.
 
     ``weight_rel_err`` = ||W - Q||_F / ||W||_F; ``hessian_rel_err`` =
-    tr(E H E^T) / tr(W H W^T) with E = W - Q: the relative output error on the calibration data.
+    tr(E H E^T) / tr(W H W^T) with E = W - Q: the relative output error on the calibration data
+    (NaN where a method has no Hessian, e.g. trained layers; written as null in JSON).
     """
 
     name: str
@@ -65,15 +70,22 @@ class LayerReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain dict for JSON: non-finite floats become None (JSON has no NaN)."""
+        out = dataclasses.asdict(self)
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in out.items()}
 
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method: exactly one of ``apply_block`` (block by block, run by the
+    sequential engine) and ``apply_model`` (whole model) is set."""
+
     name: str
     config_cls: type[MethodConfig]
-    apply_block: Callable[..., list[LayerReport]]
+    apply_block: Callable[..., list[LayerReport]] | None
     summary: str
+    apply_model: Callable[..., tuple[list[LayerReport], dict[str, Any]]] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -85,6 +97,16 @@ def register(name: str, config_cls: type[MethodConfig], summary: str) -> Callabl
     def wrap(apply_block: Callable[..., list[LayerReport]]) -> Callable[..., list[LayerReport]]:
         METHODS[name] = Method(name, config_cls, apply_block, summary)
         return apply_block
+
+    return wrap
+
+
+def register_model(name: str, config_cls: type[MethodConfig], summary: str) -> Callable:
+    """Decorator for a whole-model method's ``apply_model`` function (one registry line)."""
+
+    def wrap(apply_model: Callable) -> Callable:
+        METHODS[name] = Method(name, config_cls, None, summary, apply_model)
+        return apply_model
 
     return wrap
 

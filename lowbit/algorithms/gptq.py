@@ -68,8 +68,14 @@ def inverse_hessian_cholesky(
     Returns:
         ``U`` ``[C, C]`` fp32 upper triangular and the percdamp actually used.
     """
+    if not bool(torch.isfinite(hessian).all()):
+        raise LowbitError(
+            "the Hessian holds NaN or infinite values (the layer's calibration inputs "
+            "overflowed); check the model's weights and run in fp32"
+        )
     mean_diag = torch.mean(torch.diag(hessian))
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    first = percdamp
     for _ in range(max_tries):
         damped = hessian + percdamp * mean_diag * eye
         chol, info = torch.linalg.cholesky_ex(damped)
@@ -81,8 +87,8 @@ def inverse_hessian_cholesky(
         log.warning("Hessian not positive definite at percdamp=%g; retrying x10", percdamp)
         percdamp *= 10
     raise LowbitError(
-        "the Hessian stayed indefinite after damping escalation; calibrate with more samples "
-        "(--nsamples) or raise --percdamp"
+        f"the Hessian stayed indefinite after damping escalation (percdamp {first:g} raised "
+        f"x10 {max_tries} times); raise --percdamp or calibrate with more samples (--nsamples)"
     )
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from lowbit.algorithms.base import LayerReport
 from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.errors import LowbitError
 from lowbit.formats.codecs import StoredWeight
 from lowbit.nn.quant_linear import QuantLinear
 
@@ -35,6 +37,15 @@ def relative_errors(
     return weight_err, out_err
 
 
+@contextmanager
+def naming_layer(full_name: str) -> Iterator[None]:
+    """Prefix a LowbitError raised while solving one linear with the linear's name."""
+    try:
+        yield
+    except LowbitError as exc:
+        raise LowbitError(f"layer {full_name}: {exc}") from exc
+
+
 def quantize_linearwise(
     ctx,
     config: IntWeightConfig,
@@ -57,7 +68,8 @@ def quantize_linearwise(
         for name in group:
             linear = ctx.module(name)
             start = time.perf_counter()
-            solution = solve(config, linear.weight, hessians[name])
+            with naming_layer(ctx.full_name(name)):
+                solution = solve(config, linear.weight, hessians[name])
             quant = QuantLinear(solution.stored, linear.bias)
             seconds = time.perf_counter() - start
             w_err, h_err = relative_errors(

@@ -21,7 +21,7 @@ import torch
 
 from lowbit.algorithms.base import LayerReport, register
 from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize_blocks, gptq_solve
-from lowbit.algorithms.linearwise import Solution, relative_errors
+from lowbit.algorithms.linearwise import Solution, naming_layer, relative_errors
 from lowbit.algorithms.lorc import lorc
 from lowbit.errors import LowbitError
 from lowbit.formats.blockscale import BlockScaledConfig
@@ -197,7 +197,8 @@ def _quantize_group(config: ZQFPConfig, ctx, names: list[str]) -> list[LayerRepo
     for name in names:
         linear, h = ctx.module(name), hessians[name]
         start = time.perf_counter()
-        solution = zqfp_solve(config, linear.weight, h)
+        with naming_layer(ctx.full_name(name)):
+            solution = zqfp_solve(config, linear.weight, h)
         act = config.act_quantizer(absmax[name])
         extra = {
             **solution.extra,

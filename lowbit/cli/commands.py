@@ -14,6 +14,7 @@ import yaml
 from lowbit import api
 from lowbit.cli.method_flags import method_settings
 from lowbit.cli.table import render
+from lowbit.engine.resume import discard_checkpoints
 from lowbit.errors import LowbitError
 from lowbit.models import bundled
 
@@ -86,7 +87,8 @@ def quantize(args: argparse.Namespace) -> int:
     config = api.build_config(args.method, settings)
     calib = api.CalibSpec(args.calib, args.nsamples, args.seqlen, args.seed)
     loaded = api.load_model(args.model)
-    result = api.quantize(loaded, args.method, config, calib)
+    workdir = Path(f"{Path(args.out)}.ckpt")  # resumable state: finished blocks, or training
+    result = api.quantize(loaded, args.method, config, calib, workdir=workdir, resume=args.resume)
     out = api.save_quantized(loaded, result, args.out)
     print(_layer_table(result.layers, per_block=not args.layers))
     report = {
@@ -97,6 +99,7 @@ def quantize(args: argparse.Namespace) -> int:
         "avg_bits": result.avg_bits,
         "seconds": result.seconds,
         "layers": [r.to_dict() for r in result.layers],
+        **result.extra,
     }
     if args.ppl or args.kld:
         scores = api.evaluate(
@@ -119,6 +122,7 @@ def quantize(args: argparse.Namespace) -> int:
     if report.get("kld") is not None:
         print(f"kld: {report['kld']:.4f}")
     _write_json(args.json, report)
+    discard_checkpoints(workdir)  # the run is complete: its checkpoint is stale
     return 0
 
 

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--json", metavar="FILE", help="write the run report as JSON")
     p.add_argument("--layers", action="store_true", help="print every layer, not per block")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its checkpoint in OUT.ckpt (finished blocks, "
+        "or training steps; start if none)",
+    )
     _add_eval_flags(p, default_ppl=[])
     add_method_flags(p)
     p.set_defaults(func=commands.quantize)

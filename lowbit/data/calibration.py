@@ -74,9 +74,11 @@ def calibration_batch(
     k = seqlen - 1 if add_bos else seqlen
     n = int(ids.numel())
     if n < k:
+        most = n + 1 if add_bos else n
+        lower = f"lower --seqlen to at most {most}" if most >= (2 if add_bos else 1) else ""
         raise LowbitError(
             f"calibration text too short: a window of seqlen={seqlen} needs {k} text tokens but "
-            f"the text has {n}; use a longer corpus or a smaller --seqlen"
+            f"the text has {n}; use a longer corpus (--calib){' or ' + lower if lower else ''}"
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - k + 1, (nsamples,), generator=gen)

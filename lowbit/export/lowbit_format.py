@@ -8,7 +8,9 @@ A quantized DIR holds:
   metrics, average bits, calibration data hash, library versions;
 - the tokenizer files.
 The folder is written to a temporary sibling and renamed into place, so a crash never leaves a
-half-written DIR that looks finished.
+half-written DIR that looks finished. ``lowbit.json`` records the size and sha256 of every other
+file and is sealed with its own checksum (:mod:`lowbit.export.integrity`); loading checks them,
+so a truncated, corrupt or edited file is an error naming it, never different weights.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.atomic import atomic_dir
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, write_error
+from lowbit.export import integrity
 from lowbit.models.arch import set_submodule
 from lowbit.nn.act_quant import SIMULATED
 from lowbit.nn.quant_linear import QuantLinear
@@ -77,20 +80,31 @@ def save_quantized(
     acts = sorted({q.act_quant.describe() for q in layers.values() if q.act_quant is not None})
     if acts:
         manifest["activations"] = {"quantized": acts, "execution_cpu": SIMULATED}
-    with atomic_dir(out) as tmp:
-        save_file(_unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config["quantization_config"] = {
-            "quant_method": "lowbit",
-            "format_version": FORMAT_VERSION,
-            "method": manifest.get("method"),
-            "avg_bits": manifest.get("avg_bits"),
-        }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    try:
+        with atomic_dir(out) as tmp:
+            _write_files(model, tokenizer, tmp, manifest)
+    except OSError as exc:
+        raise write_error(
+            out, exc, "the partial folder was removed and an earlier output there is unchanged"
+        ) from exc
     return out
+
+
+def _write_files(model: nn.Module, tokenizer, folder: Path, manifest: dict[str, Any]) -> None:
+    """Weights, config, tokenizer, then the manifest sealed over all of them."""
+    save_file(_unique_state_dict(model), str(folder / WEIGHTS), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = {
+        "quant_method": "lowbit",
+        "format_version": FORMAT_VERSION,
+        "method": manifest.get("method"),
+        "avg_bits": manifest.get("avg_bits"),
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    sealed = integrity.seal(manifest, folder, MANIFEST)
+    (folder / MANIFEST).write_text(json.dumps(sealed, indent=2))
 
 
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -111,11 +125,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise LowbitError(f"{path} is not a lowbit output (no {MANIFEST}); quantize it first")
     try:
-        manifest = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LowbitError(
             f"{p} is not valid JSON ({exc}); the folder is damaged, re-quantize"
         ) from exc
+    if not isinstance(manifest, dict):
+        raise LowbitError(f"{p} is not a JSON object; the folder is damaged, re-quantize")
+    integrity.check_seal(manifest, p)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise LowbitError(
             f"{p} has format version {manifest.get('format_version')}; this lowbit reads "
@@ -125,28 +142,33 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load_quantized(
-    path: str | Path, dtype: torch.dtype = torch.float32
+    path: str | Path, dtype: torch.dtype = torch.float32, verify: str = "sha256"
 ) -> tuple[nn.Module, Any, dict]:
-    """Load a lowbit DIR: (model with QuantLinear layers, tokenizer, manifest)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load a lowbit DIR: (model with QuantLinear layers, tokenizer, manifest).
 
+    ``verify``: ``"sha256"`` (default) checks every file's size and sha256 against
+    ``lowbit.json`` before reading it; ``"size"`` checks sizes only (skips one read of the
+    files; a flipped byte inside a tensor then goes unnoticed). Any damage found is a
+    LowbitError naming the file.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if verify not in ("sha256", "size"):
+        raise LowbitError(f"verify must be 'sha256' or 'size', got {verify!r}")
     path = Path(path)
     manifest = read_manifest(path)
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with safe_open(str(path / WEIGHTS), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    for name, layer in manifest["layers"].items():
-        prefix = f"{name}."
-        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        bias = own.pop("bias", None)
-        set_submodule(model, name, QuantLinear.from_stored(layer, own, bias))
-        for k in list(tensors):
-            if k.startswith(prefix):
-                del tensors[k]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    integrity.verify_files(path, manifest, hashes=verify == "sha256")
+    config = _read_config(path)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _damaged(path / "config.json", exc) from exc
+    tensors = _read_tensors(path / WEIGHTS)
+    _install_layers(model, manifest, tensors, path)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise _damaged(path / WEIGHTS, exc) from exc
     missing = [k for k in missing if not _is_quant_buffer(model, k)]
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -157,8 +179,75 @@ def load_quantized(
             f"{unexpected[:3]}); the folder is damaged, re-quantize"
         )
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer, manifest
+    return model, _read_tokenizer(path), manifest
+
+
+def _damaged(file: Path, exc: BaseException) -> LowbitError:
+    """LowbitError for a file that could not be parsed; the cause on one line, cut at 300
+    characters."""
+    cause = " ".join(line.strip() for line in str(exc).splitlines()) or type(exc).__name__
+    cause = cause if len(cause) <= 300 else cause[:297] + "..."
+    return LowbitError(f"{file} cannot be read ({cause}); the folder is damaged, re-quantize")
+
+
+def _read_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _damaged(path / "config.json", exc) from exc
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a bad header or data is a LowbitError."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _damaged(file, exc) from exc
+
+
+def _read_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _damaged(path / "tokenizer files", exc) from exc
+
+
+def _install_layers(
+    model: nn.Module, manifest: dict, tensors: dict[str, torch.Tensor], path: Path
+) -> None:
+    """Replace each linear listed in the manifest by a QuantLinear built from its stored
+    tensors, which are taken out of ``tensors`` (what remains is the float part)."""
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict):
+        raise LowbitError(f"{path / MANIFEST} has no 'layers' mapping; the folder is damaged")
+    for name, layer in layers.items():
+        prefix = f"{name}."
+        keys = [k for k in tensors if k.startswith(prefix)]
+        own = {k[len(prefix) :]: tensors.pop(k) for k in keys}
+        if not own:
+            raise LowbitError(
+                f"layer {name} is listed in {MANIFEST} but {WEIGHTS} has no tensors for it; "
+                "the folder is damaged, re-quantize"
+            )
+        bias = own.pop("bias", None)
+        try:
+            module = QuantLinear.from_stored(layer, own, bias)
+            set_submodule(model, name, module)
+        except KeyError as exc:
+            raise LowbitError(
+                f"layer {name}: tensor or field {exc} is missing from {WEIGHTS} or its "
+                f"{MANIFEST} entry; the folder is damaged, re-quantize"
+            ) from exc
+        except (ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+            raise _damaged(path / WEIGHTS, exc) from exc
 
 
 def _is_quant_buffer(model: nn.Module, key: str) -> bool:

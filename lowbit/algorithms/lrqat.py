@@ -1,0 +1,282 @@
+"""LR-QAT (Bondarenko, Del Chiaro, Nagel 2024, arXiv 2406.06385): low-rank quantization-aware
+training, after the authors' code (``lr_qat_fixed_point8``), plus a full-QAT baseline.
+
+1. Range init per linear: scales ``s0`` by an L^p (p = 4) grid search on the weights
+   (:func:`~lowbit.formats.range_search.lp_scales`), or from a PTQ run (RTN or GPTQ: ``Phi0``
+   are then its integer codes and ``s0`` its scales). Embeddings, head and norms stay float.
+2. Downcast once: ``Phi0 = phi(W0 / s0)`` replaces ``W0`` (int8 fixed point Q4.4 for 4 bits by
+   default; ``int``, ``bf16``, ``fp16``, ``fp32``).
+3. Train ``A``, ``B`` and ``s`` only, through ``W_hat = s * clamp(round(Phi0 + (alpha/r) A B))``
+   with a straight-through round (:class:`~lowbit.nn.fake_quant_linear.LRQATLinear`), end to
+   end on next-token loss (:mod:`lowbit.algorithms.lrqat_train`). With ``full_qat`` the float
+   weights themselves train through the same fake quantizer instead
+   (:class:`~lowbit.nn.fake_quant_linear.QATLinear`).
+4. Merge: ``W_int = clamp(round(Phi0 + (alpha/r) A B))`` with the fp16 scales the forward used,
+   stored as a plain packed integer weight (same artifact as an RTN/GPTQ run, no adapter).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.algorithms.base import LayerReport, register_model
+from lowbit.algorithms.lrqat_train import RESUME_NEUTRAL, start_fingerprint, train
+from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.errors import LowbitError
+from lowbit.formats.intq import IntGrid, expand_groups
+from lowbit.formats.packed_int import PackedIntWeight
+from lowbit.formats.range_search import lp_scales
+from lowbit.models.arch import set_submodule
+from lowbit.nn.fake_quant_linear import (
+    PHIS,
+    FakeQuantLinear,
+    LRQATLinear,
+    QATLinear,
+    by_group,
+    downcast,
+    upcast,
+)
+from lowbit.nn.quant_linear import QuantLinear
+
+INITS = ("lp", "rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class LRQATConfig(IntWeightConfig):
+    """LR-QAT settings (defaults: the authors' W4 per-channel recipe, scaled down for CPUs).
+
+    The grid is signed symmetric (``symmetric`` must stay true), per output channel by default.
+
+    Attributes:
+        rank: rank r of the auxiliary matrices A [out, r] (zero init) and B [r, in] (Kaiming).
+        alpha: the low-rank product is scaled by alpha / rank (authors' code default 1).
+        phi: downcast of the frozen weights Phi0 = phi(W0 / s0): fixed_point8 (int8 with 8 - bits
+            fractional bits: Q4.4 at 4 bits), int (rounded integers in int8), bf16, fp16, fp32.
+        init: initial scales s0 and Phi0: lp (L^p grid search on the weights), rtn or gptq (a
+            PTQ run on the calibration data: Phi0 = its integer codes, s0 = its scales).
+        lp_norm: p of the L^p range search.
+        lp_candidates: clipping thresholds tried per group by the L^p search.
+        full_qat: full-QAT baseline: train every quantized linear's float weights (and scales)
+            through the same fake quantizer instead of the low-rank matrices.
+        steps: optimizer steps (0: no training, the initial grid is merged as is).
+        lr: learning rate of A and B.
+        scale_lr: learning rate of the scales.
+        weight_lr: learning rate of the float weights (full_qat only).
+        warmup_ratio: fraction of the steps with linear warm-up; then linear decay.
+        adam_beta2: AdamW beta2 (beta1 0.9).
+        weight_decay: AdamW weight decay.
+        max_grad_norm: clip the global gradient norm to this (0: no clipping).
+        batch_size: training sequences per step.
+        train_seqlen: tokens per training sequence.
+        train_corpus: training text: bundled corpus name or text file (random windows).
+        train_seed: seed of the training windows, of B's init and of the global RNG.
+        train_dtype: matmul precision of the training forward: bf16 (autocast, as the authors
+            train; W_hat itself is always computed in fp32) or fp32.
+        grad_checkpointing: recompute each decoder block's activations in the backward pass.
+        checkpoint_every: save resumable training state every this many steps (0: never).
+    """
+
+    method = "lrqat"
+    group_size: int = -1
+    rank: int = 32
+    alpha: float = 1.0
+    phi: str = "fixed_point8"
+    init: str = "lp"
+    lp_norm: float = 4.0
+    lp_candidates: int = 100
+    full_qat: bool = False
+    steps: int = 200
+    lr: float = 1e-3
+    scale_lr: float = 1e-5
+    weight_lr: float = 5e-5
+    warmup_ratio: float = 0.1
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 4
+    train_seqlen: int = 512
+    train_corpus: str = "austen-emma"
+    train_seed: int = 0
+    train_dtype: str = "bf16"
+    grad_checkpointing: bool = True
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.symmetric:
+            raise LowbitError("LR-QAT trains on a signed symmetric grid; drop --asym")
+        if self.phi not in PHIS:
+            raise LowbitError(f"unknown --phi '{self.phi}'; choose one of {', '.join(PHIS)}")
+        if self.phi == "fixed_point8" and self.bits > 7 and not self.full_qat:
+            raise LowbitError(
+                "--phi fixed_point8 keeps 8 - bits fractional bits in int8 and needs bits <= 7; "
+                "use --phi int or --phi bf16 for 8-bit weights"
+            )
+        if self.init not in INITS:
+            raise LowbitError(f"unknown --init '{self.init}'; choose one of {', '.join(INITS)}")
+        _check(self.rank >= 1 and self.alpha > 0, "--rank must be >= 1 and --alpha > 0")
+        _check(self.lp_norm > 0, "--lp-norm must be > 0")
+        _check(self.lp_candidates >= 1, "--lp-candidates must be >= 1")
+        _check(self.steps >= 0, "--steps must be >= 0")
+        lrs_ok = min(self.lr, self.scale_lr, self.weight_lr) >= 0
+        _check(lrs_ok, "--lr, --scale-lr and --weight-lr must be >= 0")
+        _check(0 <= self.warmup_ratio <= 1, "--warmup-ratio must be in [0, 1]")
+        _check(0 <= self.adam_beta2 < 1, "--adam-beta2 must be in [0, 1)")
+        _check(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        _check(self.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0: no clipping)")
+        _check(self.batch_size >= 1, "--batch-size must be >= 1")
+        _check(self.train_seqlen >= 2, "--train-seqlen must be >= 2")
+        _check(self.checkpoint_every >= 0, "--checkpoint-every must be >= 0")
+        _check(self.train_dtype in ("bf16", "fp32"), "--train-dtype must be bf16 or fp32")
+
+    def ptq_settings(self) -> dict[str, Any]:
+        """Settings of the PTQ run of ``init`` on this grid (GPTQ with static groups, so its
+        codes stay in input order)."""
+        out = {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": True,
+            "ragged_groups": self.ragged_groups,
+            "ignore": self.ignore,
+        }
+        if self.init == "gptq":
+            out["static_groups"] = self.group_size != -1
+        return out
+
+    def resume_key(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the interrupted one."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUME_NEUTRAL}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise LowbitError(message)
+
+
+def ptq_grid(stored: PackedIntWeight, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed integers ``[R, C]`` fp32 (input column order) and scales ``[R, n]`` of a PTQ
+    weight on ``grid``."""
+    if stored.kind != "int" or stored.grid.bits != grid.bits or not stored.grid.symmetric:
+        raise LowbitError("LR-QAT can start only from a symmetric integer PTQ weight of its bits")
+    cols = stored.in_features
+    zero = expand_groups(stored.zero_points(), stored.grid.group_width(cols), cols)
+    ints = stored.codes().float() - zero
+    if stored.perm is not None:
+        if stored.grid.group_size != -1:
+            raise LowbitError("a PTQ start with act-order groups needs static groups")
+        ints = ints[:, torch.argsort(stored.perm.long())]
+    return ints, stored.scales.float()
+
+
+def make_layer(module: nn.Module, config: LRQATConfig, generator) -> FakeQuantLinear:
+    """The trainable fake-quantized replacement of an ``nn.Linear`` or a PTQ ``QuantLinear``."""
+    grid = IntGrid(config.bits, config.group_size, True)
+    cols = module.in_features
+    if isinstance(module, QuantLinear):
+        ratio, scale = ptq_grid(module.stored_weight(), grid)
+        weight = module.dequantized_weight()
+    elif isinstance(module, nn.Linear):
+        weight = module.weight.detach().float()
+        scale = lp_scales(weight, grid, config.lp_norm, config.lp_candidates)
+        ratio = by_group(torch.div, weight, scale, grid.group_width(cols))
+    else:
+        raise LowbitError(f"LR-QAT cannot train a {type(module).__name__}; expected nn.Linear")
+    bias = module.bias
+    if config.full_qat:
+        return QATLinear(weight, scale, grid, bias)
+    phi0 = downcast(ratio, config.phi, config.bits)
+    return LRQATLinear(phi0, config.phi, scale, grid, config.rank, config.alpha, bias, generator)
+
+
+def attach(model: nn.Module, blocks, table, config: LRQATConfig) -> dict[str, FakeQuantLinear]:
+    """Freeze ``model`` and replace every quantized linear of ``blocks`` by its trainable
+    fake-quantized form; returns them by full name."""
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(config.train_seed)
+    layers = {}
+    for i, block in enumerate(blocks):
+        for name in table.linear_names:
+            full = f"{table.blocks}.{i}.{name}"
+            if config.ignores(full):
+                continue
+            layers[full] = make_layer(block.get_submodule(name), config, generator)
+            set_submodule(block, name, layers[full])
+    return layers
+
+
+@torch.no_grad()
+def merge(
+    model: nn.Module, layers: dict[str, FakeQuantLinear], initial: dict[str, torch.Tensor]
+) -> list[LayerReport]:
+    """Replace each trained layer by its merged :class:`QuantLinear`; one report per layer.
+
+    ``weight_rel_err`` is ``||W_hat - W_ref|| / ||W_ref||`` with ``W_ref`` the frozen weights
+    ``Phi0 * s0`` (LR-QAT) or the trained float weights (full QAT); no output error is
+    measured (NaN). ``extra`` records the fraction of integers changed by training and the
+    mean relative scale change.
+    """
+    reports = []
+    for name, layer in layers.items():
+        start = time.perf_counter()
+        quant = layer.merged()
+        w_hat = quant.dequantized_weight()
+        s0 = initial[name]
+        cols = layer.in_features
+        changed = None
+        if isinstance(layer, LRQATLinear):
+            phi0 = upcast(layer.phi0, layer.phi, layer.grid.bits)
+            ints0 = torch.clamp(torch.round(phi0), layer.qmin, layer.qmax)  # the A = 0 integers
+            changed = float((layer.integers() != ints0).float().mean())
+            ref = phi0 * expand_groups(s0, layer.grid.group_width(cols), cols)
+        else:
+            ref = layer.weight.detach()
+        err = float((w_hat - ref).norm() / ref.norm().clamp(min=1e-30))
+        scale_change = float((layer.effective_scale() / s0 - 1).abs().mean())
+        set_submodule(model, name, quant)
+        extra = {"integers_changed": changed, "scale_change": scale_change}
+        seconds = time.perf_counter() - start
+        reports.append(
+            LayerReport(name, quant.bits_per_weight(), err, float("nan"), seconds, extra)
+        )
+    return reports
+
+
+@torch.no_grad()
+def _initial_scales(layers: dict[str, FakeQuantLinear]) -> dict[str, torch.Tensor]:
+    """Per layer: the scales ``[out, n_groups]`` the first forward uses."""
+    return {name: layer.effective_scale().clone() for name, layer in layers.items()}
+
+
+@register_model("lrqat", LRQATConfig, "LR-QAT: low-rank QAT on a downcast frozen grid (+ full QAT)")
+def apply_model(config: LRQATConfig, ctx) -> tuple[list[LayerReport], dict[str, Any]]:
+    """Initialise, train and merge; ``ctx`` is a
+    :class:`~lowbit.engine.model_context.ModelContext`."""
+    ptq_reports = ctx.ptq(config.init, config.ptq_settings()) if config.init != "lp" else []
+    layers = attach(ctx.model, ctx.blocks, ctx.table, config)
+    if not layers:
+        raise LowbitError("every linear is ignored; nothing to train (check --ignore)")
+    initial = _initial_scales(layers)
+    facts: dict[str, Any] = {"mode": "full_qat" if config.full_qat else "lrqat", "steps": 0}
+    if config.steps > 0:
+        n = config.steps * config.batch_size
+        batches, sha = ctx.windows(config.train_corpus, n, config.train_seqlen, config.train_seed)
+        meta = {
+            "config": config.resume_key(),
+            "data_sha256": sha,
+            "start_sha256": start_fingerprint(layers),
+        }
+        store, progress = ctx.checkpoints, ctx.progress
+        facts.update(train(ctx.model, ctx.blocks, layers, batches, config, meta, store, progress))
+        facts.update(corpus=config.train_corpus, corpus_sha256=sha)
+    reports = merge(ctx.model, layers, initial)
+    init_reports = {r.name: r for r in ptq_reports}
+    for r in reports:
+        if r.name in init_reports:  # the PTQ start's errors (weight error vs. the float weights)
+            r.extra["init_weight_rel_err"] = init_reports[r.name].weight_rel_err
+            r.extra["init_hessian_rel_err"] = init_reports[r.name].hessian_rel_err
+    return reports, {"training": facts}
