@@ -5,7 +5,9 @@
 # benchmarks/foundation.sh, made here if absent) and the SpQR DIRs of benchmarks/spqr.sh named in
 # SPQR (default: the 3-bit and 4-bit table points) when they exist in runs/.
 # A result JSON that exists is kept (re-running resumes). Results in results/speed/*.json.
-# Usage: [TOKENS=N] [PROMPT_LEN=P] [THREADS=T] [SPQR="name ..."] benchmarks/decode.sh [MODEL ...]
+# COMPILE=0 decodes eagerly (all three variants): Gemma-3's decode step recompiles every token
+# under torch.compile with transformers 5.24's static cache (a Python int in the cache state).
+# Usage: [TOKENS=N] [PROMPT_LEN=P] [THREADS=T] [COMPILE=0] [SPQR="name ..."] benchmarks/decode.sh [MODEL ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOWBIT=${LOWBIT:-.venv/bin/lowbit}
@@ -13,6 +15,7 @@ OUT=results/speed
 mkdir -p "$OUT" runs
 BENCH=(--tokens "${TOKENS:-64}" --prompt-len "${PROMPT_LEN:-128}")
 if [ -n "${THREADS:-}" ]; then BENCH+=(--threads "$THREADS"); fi
+if [ "${COMPILE:-1}" = 0 ]; then BENCH+=(--no-compile); fi
 bench() {  # DIR, result name
   [ -f "$OUT/$2.json" ] && return
   "$LOWBIT" bench decode "$1" "${BENCH[@]}" --json "$OUT/$2.json"

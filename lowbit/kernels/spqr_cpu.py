@@ -134,27 +134,53 @@ def spqr_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None
     return y.reshape(*lead, rows).to(x.dtype)
 
 
+@torch.library.custom_op("lowbit::csr_add_matmul", mutates_args=())
+def csr_add_matmul(
+    y: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+    x2: torch.Tensor, rows: int, cols: int,
+) -> torch.Tensor:
+    """fp32 ``y + x2 S^T`` with ``S`` the CSR matrix ``(crow [N+1], col [nnz], values [nnz])``
+    of shape ``[rows, cols]``; ``x2 [M, K]``, ``y [M, N]``.
+
+    A custom op so that ``torch.compile`` treats it as one opaque call: sparse tensors inside a
+    compiled graph break it, and the breaks recompile per layer until dynamo gives up.
+    """
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        csr = torch.sparse_csr_tensor(crow, col, values, (rows, cols))
+    return y.float() + (csr @ x2.float().t()).t()
+
+
+@csr_add_matmul.register_fake
+def _csr_add_matmul_fake(y, crow, col, values, x2, rows, cols):
+    return torch.empty(y.shape, dtype=torch.float32, device=y.device)
+
+
 class SparseAdd(nn.Module):
     """``y + x S^T`` for the outliers ``S [N, K]`` (input column order), as one fp32 sparse CSR
     matmul (faster than a gather and scatter-add, eager or compiled).
 
-    Buffers (non-persistent): ``outliers``, fp32 sparse CSR ``[N, K]`` with int32 indices.
+    Buffers (non-persistent): the CSR arrays ``crow [N+1]``, ``col [nnz]`` (int32, checked
+    once here) and ``values [nnz]`` fp32.
     """
 
     def __init__(self, rows: int, cols: int, rowptr: torch.Tensor, col: torch.Tensor,
                  values: torch.Tensor) -> None:
         super().__init__()
+        self.rows, self.cols = rows, cols
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            csr = torch.sparse_csr_tensor(
+            torch.sparse_csr_tensor(
                 rowptr.to(torch.int32), col.to(torch.int32), values.float(), (rows, cols),
                 check_invariants=True,
             )
-        self.register_buffer("outliers", csr, persistent=False)
+        self.register_buffer("crow", rowptr.to(torch.int32), persistent=False)
+        self.register_buffer("col", col.to(torch.int32), persistent=False)
+        self.register_buffer("values", values.float(), persistent=False)
 
     def forward(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``x2 [M, K]``, ``y [M, N]`` -> fp32 ``y + x2 S^T``."""
-        return y.float() + (self.outliers @ x2.float().t()).t()
+        return csr_add_matmul(y, self.crow, self.col, self.values, x2, self.rows, self.cols)
 
 
 class SpQRInt4Linear(nn.Module):
