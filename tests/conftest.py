@@ -16,6 +16,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (``pytest.mark.usefixtures("one_thread")``):
+    exact comparisons that must not depend on the reduction order of a parallel matmul."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2_2blocks(tmp_path_factory):
     from lowbit.models.fixtures import truncated_copy

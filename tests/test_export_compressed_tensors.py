@@ -31,12 +31,7 @@ from lowbit.nn.quant_linear import QuantLinear
 ct = pytest.importorskip("compressed_tensors")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fp8_token(name):

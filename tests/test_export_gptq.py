@@ -16,13 +16,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.gptq_layout import export_gptq, layer_tensors
 from lowbit.export.lowbit_format import load_quantized, quantized_layers
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

@@ -15,13 +15,7 @@ from lowbit.cli.main import main
 from lowbit.export.lowbit_format import load_quantized
 from lowbit.export.provenance import dir_sha256
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -84,9 +84,7 @@ class CTLayer:
 
 
 def _refuse(name: str, what: str) -> NotExpressible:
-    return NotExpressible(
-        f"layer {name}: {what}; compressed-tensors cannot express it. Exportable: {EXPRESSIBLE}"
-    )
+    return NotExpressible(hf_folder.refusal(name, what, "compressed-tensors", EXPRESSIBLE))
 
 
 def pack_int32_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -47,8 +47,7 @@ EXPRESSIBLE = (
 
 
 def _refuse(name: str, what: str) -> LowbitError:
-    return LowbitError(f"layer {name}: {what}; the GPTQ layout cannot express it. "
-                       f"Exportable: {EXPRESSIBLE}")
+    return LowbitError(hf_folder.refusal(name, what, "the GPTQ layout", EXPRESSIBLE))
 
 
 def pack_along_dim0(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -25,6 +25,11 @@ from lowbit.export.provenance import CONFIG_KEY
 _REWRITTEN = {MANIFEST, WEIGHTS, "config.json"}
 
 
+def refusal(name: str, what: str, target: str, expressible: str) -> str:
+    """The one-line message for a layer that export ``target`` cannot express exactly."""
+    return f"layer {name}: {what}; {target} cannot express it. Exportable: {expressible}"
+
+
 def check_export_dir(out: str | Path, src: str | Path) -> Path:
     """LowbitError unless ``out`` is absent or an empty folder, and not ``src`` itself."""
     out = Path(out)

@@ -68,8 +68,7 @@ EXPRESSIBLE = (
 
 
 def _refuse(name: str, what: str) -> LowbitError:
-    return LowbitError(f"layer {name}: {what}; the transformers SpQR layout cannot express it. "
-                       f"Exportable: {EXPRESSIBLE}")
+    return LowbitError(hf_folder.refusal(name, what, "the transformers SpQR layout", EXPRESSIBLE))
 
 
 def check_layer(name: str, q: QuantLinear) -> SpQRWeight:
