@@ -78,6 +78,34 @@ def word_codes(
 
 
 @triton.jit
+def dot_nt(x, w, IEEE: tl.constexpr):
+    """fp32 ``x [BM, BK] @ w [BN, BK]^T``: IEEE fp32 when ``IEEE`` (fp32 inputs), else ``w`` in
+    ``x``'s dtype (fp16/bf16 tensor cores) with fp32 accumulation."""
+    if IEEE:
+        out = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    else:
+        out = tl.dot(x, tl.trans(w.to(x.dtype)))
+    return out
+
+
+@triton.jit
+def store_tile(acc, y_ptr, b_ptr, rm, rn, m_mask, n_mask, pid_k, stride_ym,
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write the fp32 output tile ``acc [BM, BN]`` at rows ``rm``, columns ``rn``: the bias is
+    added by the first K-split only; one split stores in ``y``'s dtype, several add atomically
+    into the zeroed fp32 output."""
+    if HAS_BIAS:
+        first = (pid_k == 0).to(tl.float32)
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :] * first
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+
+
+@triton.jit
 def e2m1_value(c):
     """fp32 value of FP4 E2M1 codes ``c`` (int32 0..15): sign bit 3, exponent bits 1-2
     (bias 1), mantissa bit 0; magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6."""

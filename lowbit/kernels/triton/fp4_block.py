@@ -25,12 +25,14 @@ import triton.language as tl
 
 from lowbit.kernels.triton.common import (
     check_size,
+    dot_nt,
     e2m1_value,
     e4m3_value,
     e8m0_value,
     gather_codes,
     launch_plan,
     output_buffer,
+    store_tile,
     word_codes,
     word_view,
 )
@@ -112,29 +114,15 @@ def _fp4_kernel(
         if GROUP_TILE:  # one block per tile: dot the E2M1 values, then scale the partial sums
             idx = rn * s_row_stride + k0 // group
             s = _scale(s_ptr, r_ptr, t_ptr, idx, rn, n_mask, SCALE_CODE, HAS_ROW, HAS_TENSOR)
-            if IEEE:
-                part = tl.dot(x.to(tl.float32), tl.trans(v), input_precision="ieee")
-            else:
-                part = tl.dot(x, tl.trans(v.to(x.dtype)))
+            part = dot_nt(x, v, IEEE)
             acc += part * tl.where(n_mask, s, 0.0)[None, :]
         else:
             idx = rn[:, None] * s_row_stride + (rk // group)[None, :]
             rows = rn[:, None] + 0 * rk[None, :]
             s = _scale(s_ptr, r_ptr, t_ptr, idx, rows, w_mask, SCALE_CODE, HAS_ROW, HAS_TENSOR)
             w = tl.where(w_mask, v * s, 0.0)
-            if IEEE:
-                acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    if HAS_BIAS:
-        first = (pid_k == 0).to(tl.float32)  # split-K: the first split adds the bias
-        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :] * first
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    y_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+            acc += dot_nt(x, w, IEEE)
+    store_tile(acc, y_ptr, b_ptr, rm, rn, m_mask, n_mask, pid_k, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 def fp4_matmul(

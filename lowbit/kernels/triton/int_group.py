@@ -28,9 +28,11 @@ import triton.language as tl
 
 from lowbit.kernels.triton.common import (
     check_size,
+    dot_nt,
     gather_codes,
     launch_plan,
     output_buffer,
+    store_tile,
     word_codes,
     word_view,
 )
@@ -104,29 +106,15 @@ def _int_kernel(
             s = tl.load(s_ptr + idx, mask=n_mask, other=0.0).to(tl.float32)
             z = _zero(z_ptr, idx, n_mask, BITS, ZERO_MODE)
             xsum = tl.sum(x.to(tl.float32), axis=1)
-            if IEEE:
-                part = tl.dot(x.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
-            else:
-                part = tl.dot(x, tl.trans(q.to(x.dtype)))
+            part = dot_nt(x, q, IEEE)
             acc += (part - xsum[:, None] * z[None, :]) * s[None, :]
         else:
             idx = rn[:, None] * n_groups + (rk // group)[None, :]
             s = tl.load(s_ptr + idx, mask=w_mask, other=0.0).to(tl.float32)
             z = _zero(z_ptr, idx, w_mask, BITS, ZERO_MODE)
             w = s * (q.to(tl.float32) - z)
-            if IEEE:
-                acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    if HAS_BIAS:
-        first = (pid_k == 0).to(tl.float32)  # split-K: the first split adds the bias
-        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :] * first
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    y_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+            acc += dot_nt(x, w, IEEE)
+    store_tile(acc, y_ptr, b_ptr, rm, rn, m_mask, n_mask, pid_k, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 def int_matmul(
