@@ -48,7 +48,6 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export import hf_folder
-from lowbit.export.lowbit_format import load_quantized, quantized_layers
 from lowbit.export.provenance import provenance
 from lowbit.formats.packed_block import PackedBlockWeight
 from lowbit.formats.packed_int import PackedIntWeight
@@ -237,17 +236,10 @@ def export_compressed_tensors(src: str | Path, out: str | Path) -> Path:
     Raises :class:`NotExpressible` (a LowbitError) naming the first layer that has no exact
     compressed-tensors form; nothing is written then.
     """
-    src = Path(src)
-    out = hf_folder.check_export_dir(out, src)
-    model, _, manifest = load_quantized(src)
-    quantized = quantized_layers(model)
-    if not quantized:
-        raise LowbitError(f"{src} has no quantized layers; nothing to export")
+    src, out, model, manifest, quantized = hf_folder.load_source(src, out)
     layers = {name: layer_scheme(name, q) for name, q in quantized.items()}
     config_groups, ignore, fmt = _config_groups(model, layers)
-    tensors = hf_folder.float_tensors(src, list(layers))
-    for name, layer in layers.items():
-        tensors.update({f"{name}.{k}": v for k, v in layer.tensors.items()})
+    tensors = hf_folder.export_tensors(src, {n: layer.tensors for n, layer in layers.items()})
     quantization_config = {
         "quant_method": "compressed-tensors",
         "format": fmt,

@@ -32,7 +32,6 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.export import hf_folder
-from lowbit.export.lowbit_format import load_quantized, quantized_layers
 from lowbit.export.provenance import CONFIG_KEY, provenance
 from lowbit.formats.packed_int import PackedIntWeight
 from lowbit.nn.quant_linear import QuantLinear
@@ -126,17 +125,10 @@ def _quantize_config(layers: dict[str, QuantLinear], manifest: dict) -> dict:
 
 def export_gptq(src: str | Path, out: str | Path) -> Path:
     """Write lowbit DIR ``src`` in the GPTQ layout to ``out`` (nothing written on refusal)."""
-    src = Path(src)
-    out = hf_folder.check_export_dir(out, src)
-    model, _, manifest = load_quantized(src)
-    layers = quantized_layers(model)
-    if not layers:
-        raise LowbitError(f"{src} has no quantized layers; nothing to export")
+    src, out, _, manifest, layers = hf_folder.load_source(src, out)
     per_layer = {name: layer_tensors(name, q) for name, q in layers.items()}
     config = _quantize_config(layers, manifest)
-    tensors = hf_folder.float_tensors(src, list(layers))
-    for name, own in per_layer.items():
-        tensors.update({f"{name}.{k}": v for k, v in own.items()})
+    tensors = hf_folder.export_tensors(src, per_layer)
     record = provenance(src, manifest, TARGET)
     extra = {"quantize_config.json": json.dumps({**config, CONFIG_KEY: record}, indent=2)}
     return hf_folder.write_export(src, out, tensors, config, record, extra)

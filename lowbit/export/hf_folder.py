@@ -2,7 +2,8 @@
 tensors, and a ``config.json`` with the target's quantization config and provenance.
 
 Shared by every export target (:mod:`lowbit.export.compressed_tensors`,
-:mod:`lowbit.export.gptq_layout`); the folder is written atomically like a lowbit DIR.
+:mod:`lowbit.export.gptq_layout`, :mod:`lowbit.export.spqr_layout`); the folder is written
+atomically like a lowbit DIR.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 
 from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError
-from lowbit.export.lowbit_format import MANIFEST, WEIGHTS
+from lowbit.export.lowbit_format import MANIFEST, WEIGHTS, load_quantized, quantized_layers
 from lowbit.export.provenance import CONFIG_KEY
 
 # files of a lowbit DIR that an export rewrites instead of copying
@@ -38,6 +39,29 @@ def check_export_dir(out: str | Path, src: str | Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LowbitError(f"output folder {out} exists and is not empty; choose another --out")
     return out
+
+
+def load_source(src: str | Path, out: str | Path) -> tuple[Path, Path, Any, dict, dict[str, Any]]:
+    """Check ``out`` (:func:`check_export_dir`) and load lowbit DIR ``src``:
+    ``(src, out, model, manifest, {name: QuantLinear})``; LowbitError if nothing is quantized."""
+    src = Path(src)
+    out = check_export_dir(out, src)
+    model, _, manifest = load_quantized(src)
+    layers = quantized_layers(model)
+    if not layers:
+        raise LowbitError(f"{src} has no quantized layers; nothing to export")
+    return src, out, model, manifest, layers
+
+
+def export_tensors(
+    src: Path, per_layer: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The export's weights: ``src``'s float tensors (:func:`float_tensors`) plus each
+    quantized layer's new tensors, named ``LAYER.TENSOR``."""
+    tensors = float_tensors(src, list(per_layer))
+    for name, own in per_layer.items():
+        tensors.update({f"{name}.{k}": v for k, v in own.items()})
+    return tensors
 
 
 def float_tensors(src: Path, quantized: list[str]) -> dict[str, torch.Tensor]:

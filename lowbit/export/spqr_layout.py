@@ -50,7 +50,6 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export import hf_folder
-from lowbit.export.lowbit_format import load_quantized, quantized_layers
 from lowbit.export.provenance import provenance
 from lowbit.formats.spqr_weight import SpQRWeight
 from lowbit.nn.quant_linear import QuantLinear
@@ -171,17 +170,10 @@ def export_spqr(src: str | Path, out: str | Path) -> Path:
     older ``torch_dtype``) to float16, the only dtype the integration runs in. Nothing is
     written when a layer is refused.
     """
-    src = Path(src)
-    out = hf_folder.check_export_dir(out, src)
-    model, _, manifest = load_quantized(src)
-    layers = quantized_layers(model)
-    if not layers:
-        raise LowbitError(f"{src} has no quantized layers; nothing to export")
+    src, out, model, manifest, layers = hf_folder.load_source(src, out)
     per_layer = {name: layer_tensors(name, q) for name, q in layers.items()}
     config = quantization_config(per_layer, float_linears(model))
-    tensors = hf_folder.float_tensors(src, list(layers))
-    for name, own in per_layer.items():
-        tensors.update({f"{name}.{k}": v for k, v in own.items()})
+    tensors = hf_folder.export_tensors(src, per_layer)
     record = provenance(src, manifest, TARGET)
     return hf_folder.write_export(src, out, tensors, config, record,
                                   config_updates={"dtype": "float16", "torch_dtype": "float16"})
