@@ -61,6 +61,20 @@ def build_dir(
     return save_quantized(model, AutoTokenizer.from_pretrained(src), out, manifest)
 
 
+def plain_model(out: Path, state: dict[str, torch.Tensor]):
+    """A plain fp32 transformers model of export ``out``'s config (quantization config
+    dropped) holding ``state`` (decoded ``NAME.weight`` tensors and the float ones), in eval."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(out)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    model.tie_weights()
+    return model.eval()
+
+
 def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
     with torch.inference_mode():
         return model(ids).logits.float()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_util import build_dir, int_weight, logits, rel_err
+from export_util import build_dir, int_weight, logits, plain_model, rel_err
 from safetensors.torch import load_file
 
 from lowbit import api
@@ -103,7 +103,6 @@ def exported(spqr_dir, tmp_path_factory):
 
 
 def _decoded_model(out: Path, tensors: dict, names: list[str], layers: dict, kernel_fp16: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     suffixes = tuple(f".{t}" for t in ("dense_weights", "row_offsets", "col_vals", "in_perm"))
     state = {k: v for k, v in tensors.items() if not k.endswith(suffixes)}
@@ -111,13 +110,7 @@ def _decoded_model(out: Path, tensors: dict, names: list[str], layers: dict, ker
         q = layers[name]
         state[f"{name}.weight"] = reference_decode(tensors, name, q.out_features,
                                                    q.in_features, kernel_fp16)
-    config = AutoConfig.from_pretrained(out)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert set(missing) <= {"lm_head.weight"} and not unexpected
-    model.tie_weights()
-    return model.eval()
+    return plain_model(out, state)
 
 
 def test_export_decodes_to_lowbit_weights_and_logits(spqr_dir, exported):
