@@ -2,7 +2,8 @@
 
 A method is a frozen config dataclass plus one registered function: ``apply_block(config, ctx)``
 quantizes the linears of one decoder block in place (``ctx`` is the engine's
-:class:`~lowbit.engine.context.BlockContext`) and returns one :class:`LayerReport` per linear;
+:class:`~lowbit.engine.context.BlockContext`) and returns one :class:`LayerReport` per linear
+(optionally followed by ``finish_group`` over groups of blocks, e.g. QLLM's error correction);
 or, for methods that transform the whole model at once (end-to-end training),
 ``apply_model(config, ctx)`` (``ctx``: :class:`~lowbit.engine.model_context.ModelContext`)
 returns the reports and a dict of run facts (``QuantizeResult.extra``).
@@ -86,16 +87,32 @@ class Method:
     apply_block: Callable[..., list[LayerReport]] | None
     summary: str
     apply_model: Callable[..., tuple[list[LayerReport], dict[str, Any]]] | None = None
+    finish_group: Callable[..., list[LayerReport]] | None = None
+
+    def group_blocks(self, config: MethodConfig) -> int:
+        """Blocks per group: a method with ``finish_group`` gets every group of this many
+        consecutive blocks once they are quantized (``config.group_blocks``), others 1."""
+        return getattr(config, "group_blocks", 1) if self.finish_group is not None else 1
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, config_cls: type[MethodConfig], summary: str) -> Callable:
-    """Decorator for a method's ``apply_block`` function: one registry line per method."""
+def register(
+    name: str,
+    config_cls: type[MethodConfig],
+    summary: str,
+    finish_group: Callable[..., list[LayerReport]] | None = None,
+) -> Callable:
+    """Decorator for a method's ``apply_block`` function: one registry line per method.
+
+    ``finish_group(config, group_ctx, reports)`` (optional) runs after every group of
+    ``config.group_blocks`` blocks is quantized (see :class:`~lowbit.engine.context.GroupContext`)
+    and returns the group's reports, updated.
+    """
 
     def wrap(apply_block: Callable[..., list[LayerReport]]) -> Callable[..., list[LayerReport]]:
-        METHODS[name] = Method(name, config_cls, apply_block, summary)
+        METHODS[name] = Method(name, config_cls, apply_block, summary, None, finish_group)
         return apply_block
 
     return wrap

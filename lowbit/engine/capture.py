@@ -32,7 +32,23 @@ class BlockInputs:
     calls: list[dict[int, tuple[tuple, dict[str, Any]]]] = field(default_factory=list)
 
     def call_for(self, block_index: int, x: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
-        return self.calls[block_index][x.shape[0]]
+        """The call arguments of block ``block_index`` for hidden states ``x`` ``[b, L, H]``.
+
+        A batch size never captured (micro-batches of a training method) is served from a
+        larger captured one: its tensors whose first dimension is that batch size keep their
+        first ``b`` rows (calibration windows are unpadded, so those rows are all alike).
+        """
+        calls = self.calls[block_index]
+        b = x.shape[0]
+        if b in calls:
+            return calls[b]
+        larger = [size for size in calls if size > b]
+        if not larger:
+            raise KeyError(f"no captured call of block {block_index} for batch size {b}")
+        size = min(larger)
+        args, kwargs = calls[size]
+        calls[b] = (_rows(args, size, b), _rows(kwargs, size, b))
+        return calls[b]
 
 
 class _Catcher(nn.Module):
@@ -68,6 +84,17 @@ def capture_block_inputs(
         for i, block in enumerate(originals):
             blocks[i] = block
     return store
+
+
+def _rows(value: Any, size: int, b: int) -> Any:
+    """``value`` (nested tuples/lists/dicts of tensors) with batch-``size`` tensors cut to ``b``."""
+    if isinstance(value, torch.Tensor):
+        return value[:b] if value.dim() and value.shape[0] == size else value
+    if isinstance(value, tuple | list):
+        return type(value)(_rows(v, size, b) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, size, b) for k, v in value.items()}
+    return value
 
 
 def block_output(block: nn.Module, x: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:

@@ -86,6 +86,36 @@ class BlockContext:
         return {n: acc.hessian for n, acc in accs.items()}
 
 
+@dataclass
+class GroupContext:
+    """Consecutive decoder blocks, each already quantized by the method's ``apply_block``.
+
+    Attributes:
+        blocks: the blocks' contexts, in order (``blocks[0].hidden`` is not kept current).
+        hidden: the group's calibration inputs (outputs of the quantized blocks before it), list
+            of ``[b, L, hidden]``.
+        targets: the full-precision group's outputs for ``hidden`` (computed before the group
+            was quantized), same shapes.
+    """
+
+    blocks: list[BlockContext]
+    hidden: list[torch.Tensor]
+    targets: list[torch.Tensor]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The group's output ``[b, L, hidden]`` for ``x`` (differentiable: no ``no_grad``)."""
+        for ctx in self.blocks:
+            x = block_output(ctx.block, x, ctx.inputs.call_for(ctx.index, x))
+        return x
+
+
+def run_blocks(contexts: list[BlockContext], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Outputs of the chain of ``contexts``' blocks for each tensor of ``hidden``."""
+    for ctx in contexts:
+        hidden = ctx.run(hidden)
+    return hidden
+
+
 @contextmanager
 def dense_kernels(block: nn.Module) -> Iterator[None]:
     """Run ``block``'s quantized linears as dequantize-once dense fp32 matmuls.

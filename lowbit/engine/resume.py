@@ -111,9 +111,10 @@ class BlockCheckpoints:
         reports: list[LayerReport],
         next_hidden: list[torch.Tensor] | None,
     ) -> None:
-        """Persist quantized block ``index`` of ``blocks`` and the next block's inputs."""
+        """Persist quantized block ``index`` of ``blocks`` and the next block's inputs (blocks
+        finished with it in one group first go through :meth:`save_block`)."""
+        self.save_block(index, block, reports)
         try:
-            self._save(_block_file(index), _block_record(block, reports))
             if next_hidden is not None:
                 self._save(_inputs_file(index + 1), {"hidden": next_hidden})
             self.store.save(self._state(index, blocks))
@@ -125,6 +126,16 @@ class BlockCheckpoints:
             if old.name != _inputs_file(index + 1):
                 old.unlink(missing_ok=True)
         _maybe_kill(index + 1)
+
+    def save_block(self, index: int, block: nn.Module, reports: list[LayerReport]) -> None:
+        """Persist quantized block ``index`` alone; a resume still starts after the last block
+        given to :meth:`block_done` (so a group of blocks counts only once all are saved)."""
+        try:
+            self._save(_block_file(index), _block_record(block, reports))
+        except OSError as exc:
+            raise write_error(
+                self.folder, exc, "the blocks checkpointed so far are kept for --resume"
+            ) from exc
 
     def _state(self, finished: int, blocks: int) -> dict[str, Any]:
         return {

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.base import LayerReport, Method, MethodConfig
 from lowbit.engine.capture import capture_block_inputs
-from lowbit.engine.context import BlockContext, drop_dense_caches
+from lowbit.engine.context import BlockContext, GroupContext, drop_dense_caches, run_blocks
 from lowbit.engine.resume import BlockCheckpoints
 from lowbit.models.arch import BlockTable, get_blocks
 
@@ -48,19 +48,62 @@ def quantize_sequential(
     hidden = inputs.hidden
     if restored is not None:
         hidden = inputs.hidden = restored.hidden
+    size = method.group_blocks(config)
     with tqdm(total=len(blocks), initial=first, disable=not progress, unit="block") as bar:
-        for index in range(first, len(blocks)):
-            bar.set_description(f"block {index + 1}/{len(blocks)}: {method.name}")
-            ctx = BlockContext(
-                blocks[index], index, f"{table.blocks}.{index}", table, hidden, inputs
-            )
-            block_reports, hidden = _quantize_block(ctx, method, config)
-            reports.extend(block_reports)
+        for start in range(first, len(blocks), size):
+            contexts = [
+                BlockContext(blocks[i], i, f"{table.blocks}.{i}", table, hidden, inputs)
+                for i in range(start, min(start + size, len(blocks)))
+            ]
+            group_reports, hidden = _quantize_group(contexts, method, config, bar)
+            reports.extend(r for block_reports in group_reports for r in block_reports)
             if checkpoints is not None:
-                following = hidden if index + 1 < len(blocks) else None
-                checkpoints.block_done(index, len(blocks), ctx.block, block_reports, following)
-            bar.update(1)
+                _checkpoint_group(checkpoints, contexts, group_reports, hidden, len(blocks))
     return reports
+
+
+def _quantize_group(
+    contexts: list[BlockContext], method: Method, config: MethodConfig, bar: tqdm
+) -> tuple[list[list[LayerReport]], list[torch.Tensor]]:
+    """Quantize consecutive blocks (one, unless the method has ``finish_group``) in place; the
+    reports of each block and the group's outputs (the next block's inputs)."""
+    group_in = contexts[0].hidden
+    targets = run_blocks(contexts, group_in) if method.finish_group is not None else None
+    per_block: list[list[LayerReport]] = []
+    hidden = group_in
+    for ctx in contexts:
+        bar.set_description(f"block {ctx.index + 1}/{bar.total}: {method.name}")
+        ctx.hidden = hidden
+        block_reports, hidden = _quantize_block(ctx, method, config)
+        per_block.append(block_reports)
+        bar.update(1)
+    if targets is None:
+        return per_block, hidden
+    bar.set_description(f"blocks {contexts[0].index + 1}-{contexts[-1].index + 1}: "
+                        f"{method.name} group")
+    group = GroupContext(contexts, group_in, targets)
+    with torch.enable_grad():
+        updated = {r.name: r for r in method.finish_group(config, group, per_block)}
+    per_block = [[updated.get(r.name, r) for r in block] for block in per_block]
+    hidden = run_blocks(contexts, group_in)
+    for ctx in contexts:
+        drop_dense_caches(ctx.block)
+    return per_block, hidden
+
+
+def _checkpoint_group(
+    checkpoints: BlockCheckpoints,
+    contexts: list[BlockContext],
+    per_block: list[list[LayerReport]],
+    hidden: list[torch.Tensor],
+    total: int,
+) -> None:
+    """Persist a finished group: its blocks, then the state that makes it count as done."""
+    for ctx, block_reports in zip(contexts[:-1], per_block[:-1], strict=True):
+        checkpoints.save_block(ctx.index, ctx.block, block_reports)
+    last = contexts[-1]
+    following = hidden if last.index + 1 < total else None
+    checkpoints.block_done(last.index, total, last.block, per_block[-1], following)
 
 
 def _quantize_block(

@@ -181,7 +181,7 @@ def _act_args(name: str, q: QuantLinear) -> tuple[dict | None, dict[str, torch.T
     act = q.act_quant
     if act is None:
         return None, {}
-    if act.fmt != "fp8_e4m3":
+    if act.fmt != "fp8_e4m3" or not act.symmetric:
         raise _refuse(name, f"{act.fmt} activations (compressed-tensors' int8 scale is "
                       "amax/127.5 where lowbit's is amax/127, and it has no fp8_e5m2)")
     args = {"num_bits": 8, "type": "float", "symmetric": True}
@@ -194,6 +194,8 @@ def layer_scheme(name: str, q: QuantLinear) -> CTLayer:
     """The compressed-tensors form of one quantized linear, or :class:`NotExpressible`."""
     if q.lowrank is not None:
         raise _refuse(name, "LoRC low-rank factors are added to its output")
+    if q.reassembly is not None:
+        raise _refuse(name, "QLLM channel reassembly gathers its input channels")
     stored = q.stored_weight()
     if isinstance(stored, PackedIntWeight):
         weights, tensors = _int_layer(name, stored)

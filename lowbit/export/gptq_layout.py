@@ -72,8 +72,8 @@ def g_idx(in_features: int, group: int, perm: torch.Tensor | None) -> torch.Tens
 
 def layer_tensors(name: str, q: QuantLinear) -> dict[str, torch.Tensor]:
     """GPTQ tensors of one quantized linear (names relative to the layer)."""
-    if q.lowrank is not None or q.act_quant is not None:
-        raise _refuse(name, "LoRC factors / activation quantization")
+    if q.lowrank is not None or q.act_quant is not None or q.reassembly is not None:
+        raise _refuse(name, "LoRC factors / activation quantization / channel reassembly")
     w = q.stored_weight()
     if not isinstance(w, PackedIntWeight):
         raise _refuse(name, f"stored weight kind '{w.kind}'")

@@ -72,8 +72,8 @@ def _refuse(name: str, what: str) -> LowbitError:
 
 def check_layer(name: str, q: QuantLinear) -> SpQRWeight:
     """The layer's :class:`SpQRWeight` if the SpQR layout holds it exactly, else LowbitError."""
-    if q.lowrank is not None or q.act_quant is not None:
-        raise _refuse(name, "LoRC factors / activation quantization")
+    if q.lowrank is not None or q.act_quant is not None or q.reassembly is not None:
+        raise _refuse(name, "LoRC factors / activation quantization / channel reassembly")
     if q.bias is not None:
         raise _refuse(name, "a bias (spqr_quant's QuantizedLinear has none)")
     w = q.stored_weight()

@@ -28,6 +28,8 @@ class BlockTable:
         sequential: groups of linear names (relative to a block) in compute order; the linears of
             one group share an input.
         norm_feeds: pairs (norm name, linears it feeds directly).
+        norm_gain_offset: the norms multiply by ``offset + weight`` (Gemma's ``1 + w``: 1.0;
+            Llama's ``w``: 0.0); smoothing methods fold scales into ``offset + weight``.
 
     Whether windows start with BOS is the tokenizer's business, not the architecture's
     (Llama-2 adds BOS, SmolLM2, also a Llama, does not): see ``LoadedModel.add_bos``.
@@ -36,6 +38,7 @@ class BlockTable:
     blocks: str
     sequential: tuple[tuple[str, ...], ...]
     norm_feeds: tuple[tuple[str, tuple[str, ...]], ...]
+    norm_gain_offset: float = 0.0
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -63,6 +66,7 @@ _GEMMA3 = BlockTable(
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
+    norm_gain_offset=1.0,
 )
 
 _OPT = BlockTable(

@@ -8,6 +8,10 @@
 * ``"tensor"``: static, one fp32 scale calibrated beforehand from the absolute maximum of the
   layer's inputs over the calibration data, ``s = absmax / E.max`` (stored as a buffer).
 
+Integer formats may also be *asymmetric* per token (QLLM, SmoothQuant baselines): codes
+``q = clamp(round(x / s) + z, 0, 2^b - 1)`` with ``s = (max_t - min_t) / (2^b - 1)`` over the
+token's range widened to contain 0, ``z = round(-min_t / s)``, and ``x_q = s (q - z)``.
+
 On CPU this is *simulated*: the rounded values are held in the input's float dtype and the
 matmul runs in floating point; the values are exactly what an FP8/INT8 kernel multiplies.
 """
@@ -44,6 +48,19 @@ def token_scales(x: torch.Tensor, fmt_max: float) -> torch.Tensor:
     return torch.where(amax > 0, amax / fmt_max, torch.ones_like(amax))
 
 
+def asymmetric_token_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x`` ``[..., C]`` rounded to a ``bits``-bit asymmetric grid per token (module doc);
+    returned in ``x.dtype``. An all-zero token stays zero."""
+    xf = x.float()
+    maxq = (1 << bits) - 1
+    lo = xf.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = xf.amax(dim=-1, keepdim=True).clamp(min=0)
+    s = (hi - lo) / maxq
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    z = (-lo / s).round()
+    return ((torch.clamp(torch.round(xf / s) + z, 0, maxq) - z) * s).to(x.dtype)
+
+
 class ActQuantizer(nn.Module):
     """Fake-quantizes a linear layer's input ``[..., in_features]`` (see the module docstring).
 
@@ -53,7 +70,11 @@ class ActQuantizer(nn.Module):
     """
 
     def __init__(
-        self, fmt: str, granularity: str = "token", scale: torch.Tensor | None = None
+        self,
+        fmt: str,
+        granularity: str = "token",
+        scale: torch.Tensor | None = None,
+        symmetric: bool = True,
     ) -> None:
         super().__init__()
         check_act_format(fmt)
@@ -61,7 +82,12 @@ class ActQuantizer(nn.Module):
             raise ValueError(f"granularity '{granularity}' unknown; known: {GRANULARITIES}")
         if (granularity == "tensor") != (scale is not None):
             raise ValueError("a scale is given exactly for granularity 'tensor'")
-        self.fmt, self.granularity = fmt, granularity
+        if not symmetric and (not fmt.startswith("int") or granularity != "token"):
+            raise ValueError(
+                f"asymmetric activations are per-token integer formats, not {fmt} "
+                f"per-{granularity}"
+            )
+        self.fmt, self.granularity, self.symmetric = fmt, granularity, symmetric
         self.format = get_format(fmt)
         self.register_buffer("scale", None if scale is None else scale.float().reshape(1).clone())
 
@@ -86,19 +112,23 @@ class ActQuantizer(nn.Module):
         return y.clamp(-limit, limit).to(dtype).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.symmetric:
+            return asymmetric_token_quant(x, self.format.bits)
         s = self.scales(x)
         return (self.round(x.float() / s) * s).to(x.dtype)
 
     def meta(self) -> dict:
-        return {"format": self.fmt, "granularity": self.granularity, "execution_cpu": SIMULATED}
+        out = {"format": self.fmt, "granularity": self.granularity, "execution_cpu": SIMULATED}
+        return out if self.symmetric else {**out, "symmetric": False}
 
     @classmethod
     def from_meta(cls, meta: dict, scale: torch.Tensor | None) -> ActQuantizer:
         """Rebuild from :meth:`meta` and the stored ``scale`` buffer (exactly, no recompute)."""
-        return cls(meta["format"], meta["granularity"], scale)
+        return cls(meta["format"], meta["granularity"], scale, meta.get("symmetric", True))
 
     def describe(self) -> str:
-        return f"{self.fmt} per-{self.granularity}"
+        kind = "" if self.symmetric else " asymmetric"
+        return f"{self.fmt}{kind} per-{self.granularity}"
 
     def extra_repr(self) -> str:
         return self.describe()

@@ -11,6 +11,9 @@ from lowbit.kernels import dispatch
 from lowbit.kernels import gpu_paths as _gpu_paths  # noqa: F401  (registers the CUDA kernels)
 from lowbit.nn.act_quant import ActQuantizer
 from lowbit.nn.lowrank import LowRank
+from lowbit.nn.reassembly import ChannelReassembly
+
+REASSEMBLY_BUFFERS = ("first", "second", "divisor")
 
 
 class QuantLinear(nn.Module):
@@ -25,7 +28,9 @@ class QuantLinear(nn.Module):
 
     Optional add-ons (submodules, saved with the layer): ``act_quant`` quantizes the input
     before the matmul (W4A8, W8A8); ``lowrank`` adds ``(x V^T) U^T`` computed from the
-    unquantized input (LoRC). With both: ``y = Q(x) W^T + (x V^T) U^T + b``.
+    unquantized input (LoRC). With both: ``y = Q(x) W^T + (x V^T) U^T + b``. ``reassembly``
+    (QLLM) first maps the input's ``C`` channels to the stored weight's ``C'`` columns
+    (``x -> R(x)``, applied before the other add-ons); ``in_features`` is then ``C``.
     """
 
     def __init__(
@@ -34,9 +39,15 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None = None,
         act_quant: ActQuantizer | None = None,
         lowrank: LowRank | None = None,
+        reassembly: ChannelReassembly | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = weight.in_features
+        if reassembly is not None and reassembly.out_features != weight.in_features:
+            raise ValueError(
+                f"reassembly gives {reassembly.out_features} channels, the weight has "
+                f"{weight.in_features} columns"
+            )
+        self.in_features = weight.in_features if reassembly is None else reassembly.in_features
         self.out_features = weight.out_features
         self.weight_meta = weight.meta()
         self.tensor_names = tuple(weight.tensors())
@@ -47,9 +58,10 @@ class QuantLinear(nn.Module):
         self.kernel = "auto"  # or "reference": always dequantize-and-matmul
         self.act_quant = act_quant
         self.lowrank = lowrank
+        self.reassembly = reassembly
         if lowrank is not None and (lowrank.u.shape[0], lowrank.v.shape[1]) != (
             self.out_features,
-            self.in_features,
+            weight.in_features,
         ):
             raise ValueError("low-rank factors do not match the layer's shape")
 
@@ -60,12 +72,15 @@ class QuantLinear(nn.Module):
         """Rebuild a layer from its manifest entry (``weight`` meta, optional ``act_quant`` and
         ``lowrank`` metas) and its saved tensors (names relative to the layer)."""
         tensors = dict(tensors)
-        act = lowrank = None
+        act = lowrank = reassembly = None
+        if "reassembly" in layer:
+            parts = [tensors.pop(f"reassembly.{k}") for k in REASSEMBLY_BUFFERS]
+            reassembly = ChannelReassembly(*parts, layer["reassembly"]["in_features"])
         if "lowrank" in layer:
             lowrank = LowRank(tensors.pop("lowrank.u"), tensors.pop("lowrank.v"))
         if "act_quant" in layer:
             act = ActQuantizer.from_meta(layer["act_quant"], tensors.pop("act_quant.scale", None))
-        return cls(stored_weight_from(layer["weight"], tensors), bias, act, lowrank)
+        return cls(stored_weight_from(layer["weight"], tensors), bias, act, lowrank, reassembly)
 
     def addon_meta(self) -> dict:
         """Manifest entries of the add-ons present (none for a plain quantized linear)."""
@@ -74,6 +89,8 @@ class QuantLinear(nn.Module):
             out["act_quant"] = self.act_quant.meta()
         if self.lowrank is not None:
             out["lowrank"] = self.lowrank.meta()
+        if self.reassembly is not None:
+            out["reassembly"] = self.reassembly.meta()
         return out
 
     def stored_weight(self) -> StoredWeight:
@@ -82,13 +99,14 @@ class QuantLinear(nn.Module):
         )
 
     def dequantized_weight(self) -> torch.Tensor:
-        """fp32 ``[out_features, in_features]``: exactly the stored weight's values."""
+        """fp32 ``[out_features, C']``: exactly the stored weight's values (``C'`` =
+        ``in_features`` unless a reassembly maps the input first)."""
         if self._dequantized is None:
             self._dequantized = self.stored_weight().dequantize()
         return self._dequantized
 
     def effective_weight(self) -> torch.Tensor:
-        """fp32 ``[out_features, in_features]``: the stored weight plus the low-rank add-on."""
+        """fp32 ``[out_features, C']``: the stored weight plus the low-rank add-on."""
         w = self.dequantized_weight()
         return w if self.lowrank is None else w + self.lowrank.weight()
 
@@ -96,10 +114,12 @@ class QuantLinear(nn.Module):
         self._dequantized = None
 
     def bits_per_weight(self) -> float:
-        """Stored bits per weight: the stored weight, plus low-rank factors and a static
-        activation scale when present (every saved tensor but the bias)."""
-        own = self.stored_weight().bits_per_weight()
-        extra = 0
+        """Stored bits per weight of the ``out_features x in_features`` layer: the stored weight,
+        plus low-rank factors, a static activation scale and reassembly indices when present
+        (every saved tensor but the bias)."""
+        stored = self.stored_weight()
+        own = stored.bits_per_weight() * stored.in_features / self.in_features
+        extra = 0 if self.reassembly is None else self.reassembly.stored_bits()
         if self.lowrank is not None:
             extra += self.lowrank.stored_bits()
         if self.act_quant is not None and self.act_quant.scale is not None:
@@ -107,6 +127,8 @@ class QuantLinear(nn.Module):
         return own + extra / (self.in_features * self.out_features) if extra else own
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reassembly is not None:
+            x = self.reassembly(x)
         y = None
         if self.act_quant is not None and x.is_cuda and self.kernel == "auto":
             from lowbit.kernels import fp8_gpu  # real FP8 matmul where the hardware has it

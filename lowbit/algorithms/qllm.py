@@ -1,0 +1,198 @@
+"""QLLM (Liu et al. 2023): adaptive channel reassembly + efficient error correction for
+weight-activation quantization (W4A4, W4A8, W6A6).
+
+Per block, for each group of linears that shares an input (q/k/v, gate/up, down; o_proj is
+quantized but not reassembled):
+
+1. statistics of the group's input over the calibration set (per-channel ``max|x|``, a token
+   sample for pair scores), taken after the groups before it are quantized;
+2. the threshold ``theta`` is searched (:func:`~lowbit.algorithms.reassembly.threshold_candidates`)
+   among the points where the number of extra channels changes, up to
+   ``channel_ratio * C`` extra channels, and the one with the least MSE of the next op's output
+   (attention output for q/k/v, ``act(gate) * up`` for gate/up, down's output for down) against
+   the full-precision block is kept; ``theta = max|x|`` (no reassembly) is always a candidate;
+3. the linears become :class:`~lowbit.nn.quant_linear.QuantLinear` with the reassembly
+   (gather-and-scale of the input), per-token asymmetric activation quantization and
+   per-channel asymmetric min-max integer weights (RTN on the reassembled weight).
+
+With ``correction`` on, every ``group_blocks`` blocks the error correction of
+:mod:`lowbit.algorithms.qllm_correction` trains low-rank terms and the norm gains, merges and
+re-quantizes. With both ``reassembly`` and ``correction`` off this is the RTN W/A baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.algorithms.base import LayerReport, register
+from lowbit.algorithms.qllm_correction import correct_group
+from lowbit.algorithms.reassembly import (
+    PAIR_SCORES,
+    Plan,
+    build_plan,
+    reassemble_weight,
+    threshold_candidates,
+)
+from lowbit.algorithms.wa_quant import (
+    WAConfig,
+    input_stats,
+    observation_points,
+    quantized_linear,
+    search_windows,
+)
+from lowbit.errors import LowbitError
+from lowbit.nn.act_quant import ActQuantizer
+
+
+@dataclass(frozen=True)
+class QLLMConfig(WAConfig):
+    """QLLM settings (weights and activations: see :class:`WAConfig`).
+
+    Attributes:
+        reassembly: adaptive channel reassembly on the inputs of q/k/v, gate/up and down.
+        assemble: merge similar channel pairs to keep the channel count (off: the input widens
+            by the disassembled channels).
+        pair_score: code (the authors' ``((sum w_a + sum w_b) ||x_a - x_b||)^2``) or eq5 (the
+            paper's ``||(x_a - x_b)(w_a - w_b) / 2||^2``).
+        channel_ratio: cap on extra channels per input, as a fraction of its width.
+        search_steps: thresholds tried per input (spread over the extra-channel counts).
+        correction: efficient error correction (low-rank terms and norm gains trained per
+            group of blocks, merged and re-quantized).
+        group_blocks: blocks per error-correction group (4 in the paper; 1 for tight memory).
+        rank: rank of the low-rank terms. alpha: their scale is alpha / rank.
+        lr: AdamW learning rate. epochs: passes over the calibration windows per group.
+        micro_batch: calibration windows per optimizer step.
+        tune_norms: also train the gains of the norms feeding the linears.
+    """
+
+    method = "qllm"
+    reassembly: bool = True
+    assemble: bool = True
+    pair_score: str = "code"
+    channel_ratio: float = 0.1
+    search_steps: int = 12
+    correction: bool = True
+    group_blocks: int = 4
+    rank: int = 4
+    alpha: float = 1.0
+    lr: float = 5e-4
+    epochs: int = 10
+    micro_batch: int = 1
+    tune_norms: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pair_score not in PAIR_SCORES:
+            raise LowbitError(
+                f"pair score '{self.pair_score}' unknown; known: {', '.join(PAIR_SCORES)}"
+            )
+        if not 0 <= self.channel_ratio <= 1:
+            raise LowbitError(f"channel_ratio must be in [0, 1], got {self.channel_ratio}")
+        for name in ("search_steps", "group_blocks", "rank", "epochs", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise LowbitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise LowbitError(f"lr must be > 0, got {self.lr}")
+
+
+def _reassembled_groups(table) -> set[str]:
+    """First linears of the groups whose input is reassembled: norm-fed groups and the last."""
+    fed = {linears[0] for _norm, linears in table.norm_feeds}
+    return fed | {table.sequential[-1][0]}
+
+
+@register(
+    "qllm",
+    QLLMConfig,
+    "QLLM: channel reassembly + low-rank error correction, W4A4/W4A8/W6A6",
+    finish_group=lambda config, group, reports: (
+        correct_group(config, group, reports) if config.correction else
+        [r for block in reports for r in block]
+    ),
+)
+def apply_block(config: QLLMConfig, ctx) -> list[LayerReport]:
+    names = [n for n in ctx.table.linear_names if not config.ignores(ctx.full_name(n))]
+    windows = search_windows(ctx.hidden, config.search_windows)
+    targets = observation_points(ctx, windows)
+    reassembled = _reassembled_groups(ctx.table) if config.reassembly else set()
+    reports: list[LayerReport] = []
+    for index, group in enumerate(ctx.table.sequential):
+        members = [n for n in group if n in names]
+        if not members:
+            continue
+        start = time.perf_counter()
+        stats = input_stats(ctx, members[0], config.sample_tokens)
+        plan, search = None, {}
+        if group[0] in reassembled:
+            plan, search = _search(config, ctx, members, stats, windows, targets, index)
+        for name in members:
+            reports.append(_install(config, ctx, name, plan, stats, search, start))
+    return reports
+
+
+def _search(config, ctx, members, stats, windows, targets, index) -> tuple[Plan | None, dict]:
+    """The reassembly with the least error at the next op's output (None: identity wins)."""
+    weights = torch.cat([ctx.module(n).weight.detach().float() for n in members])
+    width = stats.absmax.numel()
+    thetas = threshold_candidates(stats.absmax, int(config.channel_ratio * width),
+                                  config.search_steps)
+    originals = {n: ctx.module(n) for n in members}
+    best: tuple[float, Plan | None] = (float("inf"), None)
+    tried = []
+    try:
+        for theta in thetas:
+            plan = build_plan(stats.sample, stats.absmax, weights, theta, config.assemble,
+                              config.pair_score)
+            for n in members:
+                ctx.replace(n, _simulated(config, originals[n], plan))
+            err = targets.error(ctx, windows, index)
+            tried.append({"theta": theta, "extra": plan.extra, "mse": err})
+            if err < best[0]:
+                best = (err, plan)
+    finally:
+        for n, module in originals.items():
+            ctx.replace(n, module)
+    plan = best[1]
+    if plan is not None and plan.extra == 0:
+        plan = None
+    return plan, {"candidates": tried}
+
+
+def _simulated(config: QLLMConfig, linear: nn.Linear, plan: Plan) -> nn.Module:
+    """The linear as it would be quantized with ``plan`` (packed, as installed)."""
+    weight = reassemble_weight(linear.weight, plan) if plan.extra else linear.weight
+    return quantized_linear(config, weight, linear.bias, plan.module(linear.in_features)
+                            if plan.extra else None)
+
+
+def _install(config, ctx, name, plan, stats, search, start) -> LayerReport:
+    linear = ctx.module(name)
+    weight = linear.weight.detach().float()
+    reassembly = None
+    if plan is not None:
+        weight = reassemble_weight(weight, plan)
+        reassembly = plan.module(linear.in_features)
+    quant = quantized_linear(config, weight, linear.bias, reassembly)
+    if config.correction:
+        quant.source_weight = weight  # fp32 [R, C'] the error correction merges into
+    w_err = float((quant.dequantized_weight() - weight).norm() / weight.norm().clamp(min=1e-30))
+    ctx.replace(name, quant)
+    extra = {
+        "activations": _describe(quant.act_quant),
+        "input_absmax": stats.amax,
+        "theta": None if plan is None else plan.theta,
+        "extra_channels": 0 if plan is None else plan.extra,
+        "merged_pairs": 0 if plan is None else plan.merged,
+        **search,
+    }
+    seconds = time.perf_counter() - start
+    return LayerReport(ctx.full_name(name), quant.bits_per_weight(), w_err, float("nan"),
+                       seconds, extra)
+
+
+def _describe(act: ActQuantizer | None) -> str:
+    return "not quantized" if act is None else f"{act.describe()}, simulated"

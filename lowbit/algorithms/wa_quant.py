@@ -1,0 +1,183 @@
+"""What weight-activation methods share (QLLM, SmoothQuant, the RTN W/A baseline): the
+weight and activation settings, the quantized linear they install, and the per-block
+observation points at which a candidate's error is measured.
+
+Quantizers as in QLLM's paper: weights per output channel, asymmetric min-max (RTN); activations
+per token, dynamic, asymmetric (:func:`~lowbit.nn.act_quant.asymmetric_token_quant`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.engine.capture import block_output
+from lowbit.errors import LowbitError
+from lowbit.formats.intq import rtn_quantize
+from lowbit.formats.packed_int import PackedIntWeight
+from lowbit.nn.act_quant import ActQuantizer
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.nn.reassembly import ChannelReassembly
+
+
+@dataclass(frozen=True)
+class WAConfig(IntWeightConfig):
+    """Integer weights and activations.
+
+    Attributes:
+        abits: activation bits, 2..8 (per-token integer), or 16 (activations not quantized).
+        act_symmetric: symmetric activation grid (default: asymmetric, as QLLM).
+        search_windows: calibration windows on which candidates (thresholds, smoothing) are
+            compared against the full-precision block.
+        sample_tokens: input tokens kept per linear group for statistics that need samples.
+    """
+
+    bits: int = 4
+    group_size: int = -1
+    symmetric: bool = False
+    abits: int = 4
+    act_symmetric: bool = False
+    search_windows: int = 4
+    sample_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.abits != 16 and not 2 <= self.abits <= 8:
+            raise LowbitError(
+                f"abits must be 2..8 (integer activations) or 16 (not quantized), got {self.abits}"
+            )
+        if self.search_windows < 1 or self.sample_tokens < 1:
+            raise LowbitError("search_windows and sample_tokens must be >= 1")
+
+    def act_quantizer(self) -> ActQuantizer | None:
+        if self.abits == 16:
+            return None
+        return ActQuantizer(f"int{self.abits}", "token", symmetric=self.act_symmetric)
+
+
+def quantized_linear(
+    config: WAConfig,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    reassembly: ChannelReassembly | None = None,
+) -> QuantLinear:
+    """``weight`` ``[R, C']`` rounded to nearest on ``config``'s grid, with activation
+    quantization and the optional input reassembly."""
+    codes, scales, zeros = rtn_quantize(weight.detach().float(), config.grid)
+    stored = PackedIntWeight.from_codes(codes, scales, zeros, config.grid)
+    return QuantLinear(stored, bias, config.act_quantizer(), reassembly=reassembly)
+
+
+def search_windows(hidden: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """The first ``count`` calibration windows of ``hidden`` (batches ``[b, L, H]``)."""
+    out, taken = [], 0
+    for x in hidden:
+        if taken >= count:
+            break
+        part = x[: count - taken]
+        out.append(part)
+        taken += part.shape[0]
+    return out
+
+
+class StopBlock(Exception):
+    """Raised once the observed value is captured: the rest of the block is not needed."""
+
+
+class ObservationPoints:
+    """Full-precision values at each sequential group's observation point (the next group's
+    input, or the last group's own output), on the search windows.
+
+    ``error(ctx, windows, i)`` is the mean squared difference at group ``i``'s point between the
+    block as it is now (candidates installed) and the full-precision values.
+    """
+
+    def __init__(self, ctx, windows: list[torch.Tensor]) -> None:
+        groups = ctx.table.sequential
+        self.points = [_point(ctx, groups, i) for i in range(len(groups))]
+        self.values: list[list[torch.Tensor]] = [[] for _ in groups]
+        hooks = [self._hook(ctx, i, self.values[i]) for i in range(len(groups))]
+        try:
+            with torch.no_grad():
+                for x in windows:
+                    block_output(ctx.block, x, ctx.inputs.call_for(ctx.index, x))
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _hook(self, ctx, i: int, sink: list, stop: bool = False):
+        name, after = self.points[i]
+
+        def keep(value: torch.Tensor) -> None:
+            sink.append(value.detach().float())
+            if stop:
+                raise StopBlock
+
+        module = ctx.module(name)
+        if after:
+            return module.register_forward_hook(lambda _m, _a, out: keep(out))
+        return module.register_forward_pre_hook(lambda _m, args: keep(args[0]))
+
+    @torch.no_grad()
+    def error(self, ctx, windows: list[torch.Tensor], i: int) -> float:
+        got: list[torch.Tensor] = []
+        hook = self._hook(ctx, i, got, stop=True)
+        try:
+            for x in windows:
+                try:
+                    block_output(ctx.block, x, ctx.inputs.call_for(ctx.index, x))
+                except StopBlock:
+                    pass
+        finally:
+            hook.remove()
+        total = sum(float(((a - b) ** 2).sum()) for a, b in zip(got, self.values[i], strict=True))
+        return total / sum(v.numel() for v in self.values[i])
+
+
+@dataclass
+class InputStats:
+    """A linear's input over the calibration set: ``absmax`` ``[C]`` per-channel ``max|x|``,
+    ``sample`` ``[T, C]`` its first tokens, ``amax`` the overall maximum."""
+
+    absmax: torch.Tensor
+    sample: torch.Tensor
+    amax: float
+
+
+def input_stats(ctx, name: str, sample_tokens: int) -> InputStats:
+    """Per-channel ``max|x|`` of linear ``name``'s input over all calibration inputs."""
+    absmax = torch.zeros(ctx.module(name).in_features)
+    rows: list[torch.Tensor] = []
+
+    def observe(_m, args) -> None:
+        x = args[0].detach().float().reshape(-1, absmax.numel())
+        absmax.copy_(torch.maximum(absmax, x.abs().amax(dim=0)))
+        taken = sum(r.shape[0] for r in rows)
+        if taken < sample_tokens:
+            rows.append(x[: sample_tokens - taken].clone())
+        raise StopBlock
+
+    handle = ctx.module(name).register_forward_pre_hook(observe)
+    try:
+        for x in ctx.hidden:
+            try:
+                block_output(ctx.block, x, ctx.inputs.call_for(ctx.index, x))
+            except StopBlock:
+                pass
+    finally:
+        handle.remove()
+    return InputStats(absmax, torch.cat(rows), float(absmax.max()))
+
+
+def _point(ctx, groups, i: int) -> tuple[str, bool]:
+    """(linear name, after) of group ``i``'s observation point: the input of the next group's
+    first linear, or the output of the last group's first linear."""
+    if i + 1 < len(groups):
+        return groups[i + 1][0], False
+    return groups[i][0], True
+
+
+def observation_points(ctx, windows: list[torch.Tensor]) -> ObservationPoints:
+    return ObservationPoints(ctx, windows)

@@ -1,0 +1,254 @@
+"""QLLM: channel reassembly (exactness, pairs, thresholds), asymmetric activations, SmoothQuant
+folding, error correction, grouped engine, save/reload, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lowbit import api
+from lowbit.algorithms.qllm import QLLMConfig
+from lowbit.algorithms.reassembly import (
+    build_plan,
+    choose_pairs,
+    extra_channels,
+    reassemble_weight,
+    split_counts,
+    threshold_candidates,
+)
+from lowbit.algorithms.smoothquant import SmoothQuantConfig, smooth_block
+from lowbit.cli.main import main
+from lowbit.engine.capture import block_output, capture_block_inputs
+from lowbit.engine.context import BlockContext
+from lowbit.errors import LowbitError
+from lowbit.export.lowbit_format import WEIGHTS
+from lowbit.models.arch import get_blocks
+from lowbit.nn.act_quant import ActQuantizer, asymmetric_token_quant
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.nn.reassembly import ChannelReassembly
+
+CALIB = api.CalibSpec(nsamples=8, seqlen=128, batch_size=4)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _outlier_input(tokens=256, channels=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, channels, generator=g)
+    x[:, 5] *= 40  # two outlier channels
+    x[:, 17] *= 15
+    return x
+
+
+def test_disassembly_alone_is_exact():
+    x = _outlier_input()
+    w = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
+    absmax = x.abs().amax(0)
+    plan = build_plan(x, absmax, w, theta=float(absmax[17]) / 2, assemble=False)
+    assert plan.extra > 0 and plan.merged == 0 and plan.width == 48 + plan.extra
+    r = plan.module(48)
+    y = r(x) @ reassemble_weight(w, plan).T
+    assert torch.allclose(y, x @ w.T, rtol=1e-5, atol=1e-5 * float((x @ w.T).abs().max()))
+    assert float(r(x).abs().max()) <= float(absmax[17]) / 2 * (1 + 1e-6)  # outliers tamed
+
+
+def test_assembly_keeps_width_and_errs_by_the_merged_pairs_term():
+    x = _outlier_input()
+    w = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
+    absmax = x.abs().amax(0)
+    plan = build_plan(x, absmax, w, theta=float(absmax[17]) / 2, score="eq5")
+    assert plan.width == 48 and plan.merged == plan.extra
+    y = plan.module(48)(x) @ reassemble_weight(w, plan).T
+    merged = plan.second != plan.first
+    a, b = plan.first[merged], plan.second[merged]
+    predicted = -((x[:, a] - x[:, b]) / 2) @ (w[:, a] - w[:, b]).T  # sum of the pairs' errors
+    assert torch.allclose(y - x @ w.T, predicted, atol=1e-4)
+
+
+@pytest.mark.parametrize("score", ["code", "eq5"])
+def test_pairs_are_disjoint_non_outliers(score):
+    x = _outlier_input()
+    w = torch.randn(32, 48)
+    absmax = x.abs().amax(0)
+    theta = float(absmax[17]) / 3
+    plan = build_plan(x, absmax, w, theta, score=score)
+    merged = plan.second != plan.first
+    used = torch.cat([plan.first[merged], plan.second[merged]]).tolist()
+    assert len(used) == len(set(used)) and not {5, 17} & set(used)
+    assert sorted(set(plan.first.tolist()) | set(plan.second.tolist())) == list(range(48))
+
+
+def test_choose_pairs_is_greedy_lowest_first():
+    scores = torch.tensor([[0.0, 1.0, 9.0], [0.5, 5.0, 7.0], [8.0, 2.0, 3.0]])
+    assert choose_pairs(scores, 2) == [(0, 0), (2, 1)]
+    assert choose_pairs(scores, 3) == [(0, 0), (2, 1), (1, 2)]
+
+
+def test_threshold_candidates_start_at_identity_and_respect_the_cap():
+    absmax = _outlier_input().abs().amax(0)
+    thetas = threshold_candidates(absmax, max_extra=4, steps=8)
+    extras = extra_channels(absmax, torch.tensor(thetas)).tolist()
+    assert thetas[0] == float(absmax.max()) and extras[0] == 0
+    assert thetas == sorted(thetas, reverse=True) and max(extras) <= 4
+    assert extras == sorted(extras) and len(set(extras)) == len(extras)
+    assert int(split_counts(absmax, thetas[-1]).max()) >= 2
+
+
+def test_reassembly_module_matches_its_matrix_and_checks_inputs():
+    r = ChannelReassembly(torch.tensor([0, 1, 2, 2]), torch.tensor([3, 1, 2, 2]),
+                          torch.tensor([2, 1, 2, 2]), 4)
+    x = torch.randn(5, 4)
+    assert torch.allclose(r(x), x @ r.matrix())
+    assert r.first.dtype == torch.int16 and r.stored_bits() == 4 * 40
+    with pytest.raises(ValueError, match="lie in"):
+        ChannelReassembly(torch.tensor([4]), torch.tensor([0]), torch.tensor([1]), 4)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_asymmetric_token_quant_grid(bits):
+    x = torch.randn(7, 64) * torch.linspace(0.1, 3, 7)[:, None] + 0.7
+    q = asymmetric_token_quant(x, bits)
+    for row, qrow in zip(x, q, strict=True):
+        lo, hi = min(float(row.min()), 0.0), max(float(row.max()), 0.0)
+        s = (hi - lo) / (2**bits - 1)
+        assert torch.unique(qrow).numel() <= 2**bits
+        assert float((qrow - row).abs().max()) <= s / 2 * (1 + 1e-5)
+    assert torch.equal(asymmetric_token_quant(torch.zeros(2, 8), 4), torch.zeros(2, 8))
+    act = ActQuantizer("int4", symmetric=False)
+    assert act.describe() == "int4 asymmetric per-token" and torch.equal(act(x), q if bits == 4
+                                                                          else act(x))
+    with pytest.raises(ValueError, match="asymmetric"):
+        ActQuantizer("fp8_e4m3", symmetric=False)
+
+
+class _FpReassembled(nn.Module):
+    """A full-precision linear behind a reassembly (no quantization)."""
+
+    def __init__(self, linear: nn.Linear, plan) -> None:
+        super().__init__()
+        self.r = plan.module(linear.in_features)
+        self.w = reassemble_weight(linear.weight, plan)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return nn.functional.linear(self.r(x), self.w, self.bias)
+
+
+def _block0(path):
+    loaded = api.load_model(str(path))
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+    blocks = get_blocks(loaded.model, loaded.table)
+    inputs = capture_block_inputs(loaded.model, blocks, ids, 2)
+    ctx = BlockContext(blocks[0], 0, "model.layers.0", loaded.table, inputs.hidden, inputs)
+    return loaded, ctx
+
+
+@pytest.mark.parametrize("model", ["smollm2_2blocks", "gemma3_2blocks"])
+def test_disassembly_leaves_real_block_output_unchanged(model, request):
+    """QLLM's claim on a real block: reassembly without quantization changes nothing
+    (disassembly exactly; the pair merges are QLLM's approximation and are measured apart)."""
+    loaded, ctx = _block0(request.getfixturevalue(model))
+    x = ctx.hidden[0]
+    call = ctx.inputs.call_for(0, x)
+    with torch.no_grad():
+        before = block_output(ctx.block, x, call)
+        from lowbit.algorithms.wa_quant import input_stats
+
+        for group in (loaded.table.sequential[0], loaded.table.sequential[2],
+                      loaded.table.sequential[3]):
+            stats = input_stats(ctx, group[0], 256)
+            w = torch.cat([ctx.module(n).weight for n in group])
+            plan = build_plan(stats.sample, stats.absmax, w, stats.amax / 3, assemble=False)
+            assert plan.extra > 0
+            for n in group:
+                ctx.replace(n, _FpReassembled(ctx.module(n), plan))
+        after = block_output(ctx.block, x, call)
+    rel = float((after - before).norm() / before.norm())
+    assert rel < 1e-5
+
+
+@pytest.mark.parametrize("model", ["smollm2_2blocks", "gemma3_2blocks"])
+def test_smoothing_folds_leave_block_output_unchanged(model, request):
+    loaded, ctx = _block0(request.getfixturevalue(model))
+    x = ctx.hidden[0]
+    call = ctx.inputs.call_for(0, x)
+    with torch.no_grad():
+        before = block_output(ctx.block, x, call)
+        scales = smooth_block(SmoothQuantConfig(), ctx)
+        after = block_output(ctx.block, x, call)
+    assert len(scales) == 3 and all(s != 1.0 for s in scales.values())
+    assert float((after - before).norm() / before.norm()) < 1e-5
+
+
+def test_micro_batch_call_arguments_come_from_the_captured_batch(smollm2_2blocks):
+    _, ctx = _block0(smollm2_2blocks)
+    x = ctx.hidden[0]
+    with torch.no_grad():
+        whole = block_output(ctx.block, x, ctx.inputs.call_for(0, x))
+        one = block_output(ctx.block, x[1:2], ctx.inputs.call_for(0, x[1:2]))
+    assert torch.allclose(one, whole[1:2], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def qllm_saved(smollm2_2blocks, tmp_path_factory):
+    loaded = api.load_model(str(smollm2_2blocks))
+    cfg = {"bits": 4, "abits": 4, "epochs": 1, "group_blocks": 2, "search_steps": 4}
+    result = api.quantize(loaded, "qllm", cfg, CALIB, progress=False)
+    out = api.save_quantized(loaded, result, tmp_path_factory.mktemp("qllm") / "q")
+    return loaded, result, out
+
+
+def test_qllm_reassembles_corrects_and_reloads_exactly(qllm_saved):
+    loaded, result, out = qllm_saved
+    assert len(result.layers) == 14
+    extra = result.layers[0].extra
+    assert extra["activations"] == "int4 asymmetric per-token, simulated"
+    assert extra["correction_blocks"] == [0, 1] and extra["correction_steps"] == 8
+    assert extra["correction_loss_after_merge"] < extra["correction_loss_before"]
+    assert any(r.extra["extra_channels"] > 0 for r in result.layers)
+    assert not any(hasattr(m, "source_weight") for m in loaded.model.modules())
+    reloaded = api.load_model(str(out))
+    layers = [m for m in reloaded.model.modules() if isinstance(m, QuantLinear)]
+    assert any(m.reassembly is not None for m in layers)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 600, 700]])
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(ids).logits, reloaded.model(ids).logits)
+
+
+def test_qllm_bits_match_saved_bytes(qllm_saved):
+    loaded, result, out = qllm_saved
+    manifest = json.loads((out / "lowbit.json").read_text())
+    numel = sum(m.in_features * m.out_features for m in loaded.model.modules()
+                if isinstance(m, QuantLinear))
+    bits = 0
+    with safe_open(str(out / WEIGHTS), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118
+            name = key.rsplit(".", 1)[0].removesuffix(".reassembly")
+            if name in manifest["layers"] and not key.endswith(".bias"):
+                t = f.get_tensor(key)
+                bits += 8 * t.numel() * t.element_size()
+    assert bits / numel == pytest.approx(manifest["avg_bits"], rel=1e-12)
+
+
+def test_config_errors_name_the_fix():
+    with pytest.raises(LowbitError, match="abits must be 2..8"):
+        QLLMConfig(abits=12)
+    with pytest.raises(LowbitError, match="pair score 'x' unknown"):
+        QLLMConfig(pair_score="x")
+    with pytest.raises(LowbitError, match="group_blocks must be >= 1"):
+        QLLMConfig(group_blocks=0)
+
+
+def test_cli_smoothquant_and_rtn_baseline(smollm2_2blocks, tmp_path, capsys):
+    for args in (["--method", "smoothquant"], ["--method", "qllm", "--no-reassembly",
+                                                "--no-correction"]):
+        out = tmp_path / args[1]
+        rc = main(["quantize", str(smollm2_2blocks), *args, "--bits", "4", "--abits", "8",
+                   "--nsamples", "4", "--seqlen", "64", "--out", str(out), "--json",
+                   str(tmp_path / "r.json")])
+        assert rc == 0
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["method"] == args[1] and report["avg_bits"] == pytest.approx(4.0, abs=0.1)
