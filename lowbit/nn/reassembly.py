@@ -57,9 +57,19 @@ class ChannelReassembly(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[..., C]`` -> ``[..., C']`` in ``x.dtype``."""
-        ca, cb = (c.to(x.dtype) for c in self.coefficients())
-        a = x.index_select(-1, self.first.int()) * ca
-        return torch.addcmul(a, x.index_select(-1, self.second.int()), cb)
+        first, second, ca, cb = self._operands(x.dtype)
+        return torch.addcmul(x.index_select(-1, first) * ca, x.index_select(-1, second), cb)
+
+    def _operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """int32 indices and ``dtype`` coefficients, cached until a buffer changes."""
+        key = (dtype, self.first.device, *(t._version for t in (self.first, self.second,
+                                                                 self.divisor)))
+        cached = getattr(self, "_cached", None)
+        if cached is None or cached[0] != key:
+            ca, cb = self.coefficients()
+            cached = (key, (self.first.int(), self.second.int(), ca.to(dtype), cb.to(dtype)))
+            self._cached = cached
+        return cached[1]
 
     def matrix(self) -> torch.Tensor:
         """fp32 ``[C, C']`` ``M`` with ``x' = x M`` (tests and weight bookkeeping)."""
