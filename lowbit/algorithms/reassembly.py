@@ -75,7 +75,8 @@ def threshold_candidates(absmax: torch.Tensor, max_extra: int, steps: int) -> li
     """Up to ``steps`` thresholds, from ``max|x|`` (identity) downward, at which the number of
     extra channels changes, spread evenly over extra counts ``0..max_extra``.
 
-    The candidates are the points ``max|x_c| / k`` (integer ``k``) where some ``T_c`` steps.
+    The candidates are the points ``max|x_c| / k`` (integer ``k``) where some ``T_c`` steps;
+    the extra count grows along them, so each target count is found by bisection.
     """
     top = float(absmax.max())
     if top <= 0 or max_extra <= 0 or steps <= 1:
@@ -84,16 +85,42 @@ def threshold_candidates(absmax: torch.Tensor, max_extra: int, steps: int) -> li
     # split into more than MAX_SPLIT copies (the stored divisor is one byte)
     floor = top / min(max_extra + 1, MAX_SPLIT)
     ks = torch.arange(1, min(max_extra + 1, MAX_SPLIT) + 1, dtype=torch.float64)
-    points = (absmax.double()[:, None] / ks[None, :]).flatten()
-    points = torch.unique(points[points >= floor]).flip(0)
-    extras = extra_channels(absmax, points)
-    keep = extras <= max_extra
-    points, extras = points[keep], extras[keep]
+    points = absmax.double()[:, None] / ks[None, :]
+    points = torch.unique(points[points >= floor]).flip(0)  # descending: extra grows
+
+    def extra_at(i: int) -> int:
+        return int(extra_channels(absmax, points[i : i + 1]))
+
+    last = _last_index_within(extra_at, len(points), max_extra)
     chosen: dict[int, float] = {}
-    for target in torch.linspace(0, float(extras.max()), steps).tolist():
-        i = int(torch.argmin((extras.double() - target).abs()))
-        chosen.setdefault(int(extras[i]), float(points[i]))
+    for target in torch.linspace(0, extra_at(last), steps).tolist():
+        i = _first_index_reaching(extra_at, last + 1, target)
+        chosen.setdefault(extra_at(i), float(points[i]))
     return sorted(chosen.values(), reverse=True)
+
+
+def _last_index_within(extra_at, n: int, limit: int) -> int:
+    """Largest ``i < n`` with ``extra_at(i) <= limit`` (``extra_at`` nondecreasing, index 0 ok)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if extra_at(mid) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _first_index_reaching(extra_at, n: int, target: float) -> int:
+    """Smallest ``i < n`` with ``extra_at(i) >= target`` (``n - 1`` if none)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if extra_at(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def pair_scores(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
