@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.algorithms.base import LayerReport, MethodConfig, get_method
+from lowbit.algorithms.base import METHODS, LayerReport, MethodConfig, get_method
 from lowbit.data.calibration import calibration_batch
 from lowbit.data.corpora import load_text, text_sha256
 from lowbit.data.tokens import tokenizer_adds_bos
+from lowbit.engine import distributed
 from lowbit.engine.guards import check_finite_weights
 from lowbit.engine.model_context import CheckpointStore, ModelContext
 from lowbit.engine.resume import BlockCheckpoints, tensor_sha256
@@ -150,7 +151,10 @@ def quantize(
         reports, extra = registered.apply_model(config, ctx)
     else:
         ids = calib_ids()
-        store = _block_checkpoints(loaded, config, calib, text, ids, workdir, resume)
+        if distributed.rank_and_world()[1] > 1:
+            ids, store = _distributed_share(method, registered, ids, resume), None
+        else:
+            store = _block_checkpoints(loaded, config, calib, text, ids, workdir, resume)
         reports = quantize_sequential(
             loaded.model, loaded.table, ids, registered, config, calib.batch_size, progress, store
         )
@@ -160,6 +164,21 @@ def quantize(
         method, config, calib, text_sha256(text), reports, average_bits(loaded.model), seconds,
         extra,
     )
+
+
+def _distributed_share(method: str, registered, ids: torch.Tensor, resume: bool) -> torch.Tensor:
+    """This process's calibration windows under torchrun (no checkpoints there)."""
+    if not registered.distributed:
+        able = sorted(m.name for m in METHODS.values() if m.distributed)
+        raise LowbitError(
+            f"method '{method}' runs in one process; under torchrun use one of: {', '.join(able)}"
+        )
+    if resume:
+        raise LowbitError("--resume is for single-process runs; run without torchrun to resume")
+    try:
+        return distributed.shard(ids)
+    except ValueError as exc:
+        raise LowbitError(str(exc)) from None
 
 
 def _block_checkpoints(

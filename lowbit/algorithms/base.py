@@ -88,6 +88,8 @@ class Method:
     summary: str
     apply_model: Callable[..., tuple[list[LayerReport], dict[str, Any]]] | None = None
     finish_group: Callable[..., list[LayerReport]] | None = None
+    distributed: bool = False  # runs under torchrun (its block loop uses BlockContext's
+    # collect_hessians / solve_layers / max_over_ranks for everything calibration-dependent)
 
     def group_blocks(self, config: MethodConfig) -> int:
         """Blocks per group: a method with ``finish_group`` gets every group of this many
@@ -103,16 +105,20 @@ def register(
     config_cls: type[MethodConfig],
     summary: str,
     finish_group: Callable[..., list[LayerReport]] | None = None,
+    distributed: bool = False,
 ) -> Callable:
     """Decorator for a method's ``apply_block`` function: one registry line per method.
 
     ``finish_group(config, group_ctx, reports)`` (optional) runs after every group of
     ``config.group_blocks`` blocks is quantized (see :class:`~lowbit.engine.context.GroupContext`)
-    and returns the group's reports, updated.
+    and returns the group's reports, updated. ``distributed``: the method may run under
+    torchrun (see :mod:`lowbit.engine.distributed`).
     """
 
     def wrap(apply_block: Callable[..., list[LayerReport]]) -> Callable[..., list[LayerReport]]:
-        METHODS[name] = Method(name, config_cls, apply_block, summary, None, finish_group)
+        METHODS[name] = Method(
+            name, config_cls, apply_block, summary, None, finish_group, distributed
+        )
         return apply_block
 
     return wrap

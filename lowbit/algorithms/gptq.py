@@ -355,6 +355,11 @@ def gptq_solve(config: GPTQConfig, weight: torch.Tensor, hessian: torch.Tensor) 
     return Solution(stored, {"percdamp": res.percdamp})
 
 
-@register("gptq", GPTQConfig, "GPTQ: Hessian-aware error feedback, act-order, lazy blocks")
+@register(
+    "gptq",
+    GPTQConfig,
+    "GPTQ: Hessian-aware error feedback, act-order, lazy blocks",
+    distributed=True,
+)
 def apply_block(config: GPTQConfig, ctx) -> list[LayerReport]:
     return quantize_linearwise(ctx, config, gptq_solve, config.true_sequential)

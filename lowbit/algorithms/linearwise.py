@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -65,13 +66,11 @@ def quantize_linearwise(
         if not group:
             continue
         hessians = ctx.collect_hessians(group)
+        solutions = ctx.solve_layers(group, partial(timed_solve, ctx, config, solve, hessians))
         for name in group:
             linear = ctx.module(name)
-            start = time.perf_counter()
-            with naming_layer(ctx.full_name(name)):
-                solution = solve(config, linear.weight, hessians[name])
+            solution, seconds = solutions[name]
             quant = QuantLinear(solution.stored, linear.bias)
-            seconds = time.perf_counter() - start
             w_err, h_err = relative_errors(
                 linear.weight, quant.dequantized_weight(), hessians[name]
             )
@@ -87,3 +86,12 @@ def quantize_linearwise(
                 )
             )
     return reports
+
+
+def timed_solve(ctx, config, solve, hessians: dict[str, torch.Tensor],
+                 name: str) -> tuple[Solution, float]:
+    """``solve`` on linear ``name`` of the block, and the seconds it took."""
+    start = time.perf_counter()
+    with naming_layer(ctx.full_name(name)):
+        solution = solve(config, ctx.module(name).weight, hessians[name])
+    return solution, time.perf_counter() - start

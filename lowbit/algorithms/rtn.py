@@ -25,6 +25,8 @@ def rtn_solve(config: RTNConfig, weight: torch.Tensor, hessian: torch.Tensor) ->
     return Solution(PackedIntWeight.from_codes(codes, scales, zeros, config.grid), {})
 
 
-@register("rtn", RTNConfig, "round to nearest on a min-max grid (baseline)")
+@register(
+    "rtn", RTNConfig, "round to nearest on a min-max grid (baseline)", distributed=True
+)
 def apply_block(config: RTNConfig, ctx) -> list[LayerReport]:
     return quantize_linearwise(ctx, config, rtn_solve, true_sequential=False)

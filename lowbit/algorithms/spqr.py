@@ -271,6 +271,11 @@ def spqr_solve(config: SpQRConfig, weight: torch.Tensor, hessian: torch.Tensor) 
     return Solution(stored, extra)
 
 
-@register("spqr", SpQRConfig, "SpQR: small groups, bilevel 3-bit stats, fp16 sparse outliers")
+@register(
+    "spqr",
+    SpQRConfig,
+    "SpQR: small groups, bilevel 3-bit stats, fp16 sparse outliers",
+    distributed=True,
+)
 def apply_block(config: SpQRConfig, ctx) -> list[LayerReport]:
     return quantize_linearwise(ctx, config, spqr_solve, config.true_sequential)

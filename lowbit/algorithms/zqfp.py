@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from lowbit.algorithms.base import LayerReport, register
 from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize_blocks, gptq_solve
-from lowbit.algorithms.linearwise import Solution, naming_layer, relative_errors
+from lowbit.algorithms.linearwise import Solution, relative_errors, timed_solve
 from lowbit.algorithms.lorc import lorc
 from lowbit.errors import LowbitError
 from lowbit.formats.blockscale import BlockScaledConfig
@@ -177,6 +178,7 @@ def zqfp_solve(config: ZQFPConfig, weight: torch.Tensor, hessian: torch.Tensor) 
     "zqfp",
     ZQFPConfig,
     "ZeroQuant-FP: FP/INT weights by GPTQ, FP8/INT8 activations, M1/M2 scales, LoRC",
+    distributed=True,
 )
 def apply_block(config: ZQFPConfig, ctx) -> list[LayerReport]:
     names = [n for n in ctx.table.linear_names if not config.ignores(ctx.full_name(n))]
@@ -191,14 +193,15 @@ def apply_block(config: ZQFPConfig, ctx) -> list[LayerReport]:
 
 def _quantize_group(config: ZQFPConfig, ctx, names: list[str]) -> list[LayerReport]:
     """Hessians and input ranges of ``names`` from one pass, then each linear replaced."""
-    with observe_absmax({n: ctx.module(n) for n in names}) as absmax:
+    with observe_absmax({n: ctx.module(n) for n in names}) as observed:
         hessians = ctx.collect_hessians(names)
+    absmax = ctx.max_over_ranks(dict(observed))
+    solutions = ctx.solve_layers(names, partial(timed_solve, ctx, config, zqfp_solve, hessians))
     reports = []
     for name in names:
         linear, h = ctx.module(name), hessians[name]
         start = time.perf_counter()
-        with naming_layer(ctx.full_name(name)):
-            solution = zqfp_solve(config, linear.weight, h)
+        solution, solve_seconds = solutions[name]
         act = config.act_quantizer(absmax[name])
         extra = {
             **solution.extra,
@@ -214,7 +217,7 @@ def _quantize_group(config: ZQFPConfig, ctx, names: list[str]) -> list[LayerRepo
         quant = QuantLinear(solution.stored, linear.bias, act, lowrank)
         w_err, h_err = relative_errors(linear.weight, quant.effective_weight(), h)
         ctx.replace(name, quant)
-        seconds = time.perf_counter() - start
+        seconds = solve_seconds + time.perf_counter() - start
         reports.append(
             LayerReport(ctx.full_name(name), quant.bits_per_weight(), w_err, h_err, seconds, extra)
         )

@@ -14,6 +14,7 @@ import yaml
 from lowbit import api
 from lowbit.cli.method_flags import method_settings
 from lowbit.cli.table import render
+from lowbit.engine import distributed
 from lowbit.engine.resume import discard_checkpoints
 from lowbit.errors import LowbitError
 from lowbit.models import bundled
@@ -88,7 +89,11 @@ def quantize(args: argparse.Namespace) -> int:
     calib = api.CalibSpec(args.calib, args.nsamples, args.seqlen, args.seed)
     loaded = api.load_model(args.model)
     workdir = Path(f"{Path(args.out)}.ckpt")  # resumable state: finished blocks, or training
-    result = api.quantize(loaded, args.method, config, calib, workdir=workdir, resume=args.resume)
+    main_process = not distributed.init_from_env() or distributed.is_main()
+    result = api.quantize(loaded, args.method, config, calib, progress=main_process,
+                          workdir=workdir, resume=args.resume)
+    if not main_process:
+        return 0  # torchrun: rank 0 saves, evaluates and reports
     out = api.save_quantized(loaded, result, args.out)
     print(_layer_table(result.layers, per_block=not args.layers))
     report = {

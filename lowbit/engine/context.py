@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from lowbit.engine.capture import BlockInputs, block_output
+from lowbit.engine.distributed import max_over_ranks, solve_shared, sum_hessian
 from lowbit.engine.hessian import HessianAccumulator
 from lowbit.models.arch import BlockTable, set_submodule
 from lowbit.nn.quant_linear import QuantLinear
@@ -52,7 +54,8 @@ class BlockContext:
 
     @torch.no_grad()
     def collect_hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Hessians ``[C, C]`` of the named linears' inputs over the calibration inputs.
+        """Hessians ``[C, C]`` of the named linears' inputs over the calibration inputs (of
+        every process, under torchrun).
 
         Each batch's forward stops as soon as every named linear has seen its input, so the
         q/k/v Hessians cost little more than the input norm.
@@ -83,7 +86,16 @@ class BlockContext:
             finally:
                 for hook in hooks:
                     hook.remove()
-        return {n: acc.hessian for n, acc in accs.items()}
+        return {n: sum_hessian(acc.hessian, acc.tokens)[0] for n, acc in accs.items()}
+
+    def solve_layers(self, names: list[str], solve: Callable[[str], Any]) -> dict[str, Any]:
+        """``{name: solve(name)}``; under torchrun each linear is solved on one process and
+        the answers exchanged (see :mod:`lowbit.engine.distributed`)."""
+        return solve_shared(names, solve)
+
+    def max_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Activation ranges observed on this process's windows -> over all windows."""
+        return max_over_ranks(values)
 
 
 @dataclass
