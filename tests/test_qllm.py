@@ -183,8 +183,9 @@ def test_smoothing_folds_leave_block_output_unchanged(model, request):
     assert float((after - before).norm() / before.norm()) < 1e-5
 
 
-def test_micro_batch_call_arguments_come_from_the_captured_batch(smollm2_2blocks):
-    _, ctx = _block0(smollm2_2blocks)
+@pytest.mark.parametrize("model", ["smollm2_2blocks", "gemma3_2blocks"])
+def test_micro_batch_call_arguments_come_from_the_captured_batch(model, request):
+    _, ctx = _block0(request.getfixturevalue(model))
     x = ctx.hidden[0]
     with torch.no_grad():
         whole = block_output(ctx.block, x, ctx.inputs.call_for(0, x))
