@@ -253,3 +253,22 @@ def test_cli_smoothquant_and_rtn_baseline(smollm2_2blocks, tmp_path, capsys):
         assert rc == 0
         report = json.loads((tmp_path / "r.json").read_text())
         assert report["method"] == args[1] and report["avg_bits"] == pytest.approx(4.0, abs=0.1)
+
+
+@pytest.mark.parametrize("model", ["smollm2_2blocks", "gemma3_2blocks"])
+def test_local_candidate_error_equals_whole_block_error(model, request):
+    """Candidates of MLP groups run only the MLP: the error must be the whole block's."""
+    from lowbit.algorithms.wa_quant import WAConfig, observation_points, quantized_linear
+
+    loaded, ctx = _block0(request.getfixturevalue(model))
+    windows = [ctx.hidden[0]]
+    points = observation_points(ctx, windows)
+    groups = loaded.table.sequential
+    assert points.local == [None, None, "mlp", "mlp"]
+    for name in groups[0] + groups[2]:
+        lin = ctx.module(name)
+        ctx.replace(name, quantized_linear(WAConfig(), lin.weight, lin.bias))
+    for i in (2, 3):
+        local = points.error(ctx, windows, i)
+        points.local[i] = None
+        assert points.error(ctx, windows, i) == local

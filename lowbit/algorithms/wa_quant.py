@@ -91,13 +91,18 @@ class ObservationPoints:
     input, or the last group's own output), on the search windows.
 
     ``error(ctx, windows, i)`` is the mean squared difference at group ``i``'s point between the
-    block as it is now (candidates installed) and the full-precision values.
+    block as it is now (candidates installed) and the full-precision values. Where the group and
+    its point lie in one submodule that takes a single tensor (the MLP), candidates run only
+    that submodule, on its inputs captured once per group; attention needs the block's call
+    arguments (positions, masks), so q/k/v candidates run the block up to the point.
     """
 
     def __init__(self, ctx, windows: list[torch.Tensor]) -> None:
         groups = ctx.table.sequential
         self.points = [_point(ctx, groups, i) for i in range(len(groups))]
         self.values: list[list[torch.Tensor]] = [[] for _ in groups]
+        self.local = [_local_module(groups, self.points, i) for i in range(len(groups))]
+        self._local_inputs: dict[int, list[torch.Tensor]] = {}
         hooks = [self._hook(ctx, i, self.values[i]) for i in range(len(groups))]
         try:
             with torch.no_grad():
@@ -123,13 +128,17 @@ class ObservationPoints:
     @torch.no_grad()
     def error(self, ctx, windows: list[torch.Tensor], i: int) -> float:
         got: list[torch.Tensor] = []
+        local = self.local[i]
+        if local is not None and i not in self._local_inputs:
+            self._local_inputs[i] = _capture_input(ctx, local, windows)
         hook = self._hook(ctx, i, got, stop=True)
         try:
-            for x in windows:
-                try:
-                    block_output(ctx.block, x, ctx.inputs.call_for(ctx.index, x))
-                except StopBlock:
-                    pass
+            if local is None:
+                for x in windows:
+                    _run_until_stopped(ctx.block, x, ctx.inputs.call_for(ctx.index, x))
+            else:
+                for x in self._local_inputs[i]:
+                    _run_until_stopped(ctx.module(local), x, ((), {}))
         finally:
             hook.remove()
         total = sum(float(((a - b) ** 2).sum()) for a, b in zip(got, self.values[i], strict=True))
@@ -169,6 +178,43 @@ def input_stats(ctx, name: str, sample_tokens: int) -> InputStats:
     finally:
         handle.remove()
     return InputStats(absmax, torch.cat(rows), float(absmax.max()))
+
+
+def _run_until_stopped(module: torch.nn.Module, x: torch.Tensor, call: tuple) -> None:
+    try:
+        block_output(module, x, call)
+    except StopBlock:
+        pass
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _local_module(groups, points, i: int) -> str | None:
+    """The submodule that holds group ``i`` and its observation point, if it can run alone
+    (not the attention, which holds the first group)."""
+    parent = _parent(groups[i][0])
+    if not parent or parent == _parent(groups[0][0]) or _parent(points[i][0]) != parent:
+        return None
+    return parent
+
+
+def _capture_input(ctx, name: str, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The inputs submodule ``name`` receives when the block runs on ``windows``."""
+    seen: list[torch.Tensor] = []
+
+    def keep(_m, args) -> None:
+        seen.append(args[0].detach())
+        raise StopBlock
+
+    handle = ctx.module(name).register_forward_pre_hook(keep)
+    try:
+        for x in windows:
+            _run_until_stopped(ctx.block, x, ctx.inputs.call_for(ctx.index, x))
+    finally:
+        handle.remove()
+    return seen
 
 
 def _point(ctx, groups, i: int) -> tuple[str, bool]:
