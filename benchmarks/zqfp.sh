@@ -5,7 +5,7 @@
 # first MAX_TOKENS tokens of austen-pp and brown, KLD on austen-pp. Group size 64 divides every
 # width of both bundled models. Activations are quantized in the evaluation (simulated on CPU).
 # Existing results are kept (re-running resumes). Results in results/zqfp/<model>/*.json.
-# Usage: [MAX_TOKENS=N] [ROWS="w4a8-int-int ..."] benchmarks/zqfp.sh [MODEL ...]
+# Usage: [MAX_TOKENS=N] [ROWS="w4a8-int-int ..."] [LORC_RANKS="0 8"] benchmarks/zqfp.sh [MODEL ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOWBIT=${LOWBIT:-.venv/bin/lowbit}
@@ -24,7 +24,7 @@ for m in ${*:-smollm2-135m gemma3-270m}; do
   out=results/zqfp/$m
   mkdir -p "$out" "runs/zqfp/$m"
   [ -f "$out/w16a16.json" ] || "$LOWBIT" eval "$m" "${EVAL[@]}" --json "$out/w16a16.json"
-  for rank in 0 8; do
+  for rank in ${LORC_RANKS:-0 8}; do
     for row in $ORDER; do
       name=$row
       [ "$rank" = 0 ] || name=$row-lorc$rank
