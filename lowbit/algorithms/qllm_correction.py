@@ -76,19 +76,23 @@ def correct_group(config, group, per_block: list[list[LayerReport]]) -> list[Lay
     pairs = _micro_batches(group, config.micro_batch)
     before = _mean_loss(group, pairs)
     optimizer = torch.optim.AdamW(params + norms, lr=config.lr, weight_decay=0.0)
+    last_epoch = 0.0
     for _epoch in range(config.epochs):
+        last_epoch = 0.0
         for i in torch.randperm(len(pairs), generator=generator).tolist():
             x, y = pairs[i]
             loss = F.mse_loss(group.forward(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            last_epoch += float(loss) / len(pairs)
     for p in norms:
         p.requires_grad_(False)
     _merge(config, layers)
     after = _mean_loss(group, pairs)
     facts = {
         "correction_loss_before": before,
+        "correction_loss_last_epoch": last_epoch,  # training forward, before the merge
         "correction_loss_after_merge": after,
         "correction_seconds": time.perf_counter() - start,
         "correction_peak_rss_mb": peak_rss_mb(),
