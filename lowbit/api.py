@@ -5,12 +5,20 @@ loaded = api.load_model("smollm2-135m")
 result = api.quantize(loaded, "gptq", {"bits": 4, "group_size": 64}, api.CalibSpec())
 api.save_quantized(loaded, result, "out/smollm2-w4")
 scores = api.evaluate(api.load_model("out/smollm2-w4"), ppl=["austen-pp"], kld=True)
+
+Streamed (the full-precision model never in memory at once; docs/RELIABILITY.md):
+loaded = api.load_model("smollm2-135m", stream=True)
+result = api.quantize(loaded, "gptq", {"bits": 4, "group_size": 64}, api.CalibSpec(),
+                      workdir="out/smollm2-w4.ckpt")
+api.save_quantized(loaded, result, "out/smollm2-w4")
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
+import re
 import resource
 import time
 from dataclasses import dataclass, field
@@ -28,8 +36,10 @@ from lowbit.data.tokens import tokenizer_adds_bos
 from lowbit.engine import distributed
 from lowbit.engine.guards import check_finite_weights
 from lowbit.engine.model_context import CheckpointStore, ModelContext
+from lowbit.engine.preflight import Estimate, RunShape, estimate
 from lowbit.engine.resume import BlockCheckpoints, tensor_sha256
 from lowbit.engine.sequential import quantize_sequential
+from lowbit.engine.streaming import BlockStream, WeightIndex, load_streamed
 from lowbit.errors import LowbitError
 from lowbit.eval.kld import kl_divergence
 from lowbit.eval.perplexity import perplexity
@@ -47,6 +57,9 @@ class LoadedModel:
         spec: what the user named (bundled name or path); a lowbit DIR's ``source`` is the spec
             of the model it was quantized from.
         manifest: the lowbit.json of a quantized DIR, else None.
+        stream: for a model loaded with ``stream=True``: its decoder blocks are on the meta
+            device and are read from disk one at a time when quantized; it can be quantized
+            and saved, not run.
     """
 
     model: nn.Module
@@ -54,6 +67,7 @@ class LoadedModel:
     table: BlockTable
     spec: str
     manifest: dict | None = None
+    stream: BlockStream | None = None
 
     @property
     def add_bos(self) -> bool:
@@ -65,22 +79,37 @@ class LoadedModel:
         return self.manifest["source_model"] if self.manifest else self.spec
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a bundled name, a local HF causal-LM folder, or a lowbit DIR."""
+def model_path(spec: str) -> Path:
+    """The folder of a bundled name (prepared once) or of a local path."""
+    if spec in BUNDLED:
+        return prepare(spec)
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise LowbitError(
+            f"unknown model or path '{spec}'; use a bundled model ({', '.join(BUNDLED)}) "
+            "or a local Hugging Face folder with config.json"
+        )
+    return path
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, stream: bool = False) -> LoadedModel:
+    """Load a bundled name, a local HF causal-LM folder, or a lowbit DIR.
+
+    ``stream``: build the model with its decoder blocks on the meta device, to be read from the
+    safetensors files one at a time when it is quantized (:mod:`lowbit.engine.streaming`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec in BUNDLED:
-        path = prepare(spec)
-    else:
-        path = Path(spec)
-        if not (path / "config.json").is_file():
-            raise LowbitError(
-                f"unknown model or path '{spec}'; use a bundled model ({', '.join(BUNDLED)}) "
-                "or a local Hugging Face folder with config.json"
-            )
+    path = model_path(spec)
     if lowbit_format.is_lowbit_dir(path):
+        if stream:
+            raise LowbitError(f"{spec} is already quantized; stream the original model")
         model, tokenizer, manifest = lowbit_format.load_quantized(path, dtype)
         return LoadedModel(model, tokenizer, table_for(model.config.model_type), spec, manifest)
+    if stream:
+        blocks = load_streamed(path, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return LoadedModel(blocks.model, tokenizer, blocks.table, spec, stream=blocks)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     table = table_for(model.config.model_type)
     model.eval()
@@ -128,14 +157,19 @@ def quantize(
     """Quantize ``loaded.model`` in place: block by block, or as a whole for whole-model
     methods (training). Both keep resumable state in ``workdir`` (none if ``None``): per
     finished block (:mod:`lowbit.engine.resume`), or training checkpoints; ``resume``
-    continues from it (an existing state without ``resume`` is an error)."""
+    continues from it (an existing state without ``resume`` is an error).
+
+    A streamed model (``load_model(..., stream=True)``) is quantized block by block from disk;
+    its quantized blocks stay in ``workdir`` (required) until :func:`save_quantized`.
+    """
     if loaded.manifest is not None:
         raise LowbitError(f"{loaded.spec} is already quantized; quantize the original model")
     if isinstance(config, dict):
         config = build_config(method, config)
     registered = get_method(method)
+    _check_streamable(loaded, registered, workdir)
     _check_widths(loaded, config)
-    check_finite_weights(loaded.model)
+    weights_sha256 = _check_weights(loaded)
     text = load_text(calib.corpus)
 
     def calib_ids() -> torch.Tensor:
@@ -154,16 +188,103 @@ def quantize(
         if distributed.rank_and_world()[1] > 1:
             ids, store = _distributed_share(method, registered, ids, resume), None
         else:
-            store = _block_checkpoints(loaded, config, calib, text, ids, workdir, resume)
+            store = _block_checkpoints(
+                loaded, config, calib, text, ids, workdir, resume, weights_sha256
+            )
         reports = quantize_sequential(
-            loaded.model, loaded.table, ids, registered, config, calib.batch_size, progress, store
+            loaded.model, loaded.table, ids, registered, config, calib.batch_size, progress, store,
+            loaded.stream,
         )
         earlier = store.earlier_seconds if store is not None else 0.0
     seconds = earlier + time.perf_counter() - start
+    if loaded.stream is not None:
+        loaded.stream.checkpoints = store
+        avg_bits = _average_bits(list(loaded.stream.layers.values()))
+    else:
+        avg_bits = average_bits(loaded.model)
     return QuantizeResult(
-        method, config, calib, text_sha256(text), reports, average_bits(loaded.model), seconds,
-        extra,
+        method, config, calib, text_sha256(text), reports, avg_bits, seconds, extra
     )
+
+
+def _check_streamable(loaded: LoadedModel, method: Any, workdir: str | Path | None) -> None:
+    """A streamed model needs a block-wise method, one process, and a folder for its
+    quantized blocks."""
+    if loaded.stream is None:
+        return
+    _refuse_streaming(method)
+    if distributed.rank_and_world()[1] > 1:
+        raise LowbitError("--stream runs in one process; run it without torchrun")
+    if workdir is None:
+        raise LowbitError(
+            "a streamed run writes each quantized block to its checkpoint folder; pass "
+            "workdir= (the CLI uses OUT.ckpt)"
+        )
+    if loaded.stream.checkpoints is not None:
+        raise LowbitError(f"the streamed model {loaded.spec} is quantized already; load it again")
+
+
+def _refuse_streaming(method: Any) -> None:
+    if method.apply_model is not None:
+        raise LowbitError(
+            f"method '{method.name}' trains the whole model at once and cannot stream its "
+            "blocks from disk; run it without --stream"
+        )
+
+
+def preflight(
+    spec: str,
+    method: str,
+    config: MethodConfig,
+    calib: CalibSpec,
+    out: str | Path,
+    stream: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Estimate | None:
+    """Pre-flight estimate of the peak memory and the disk of quantizing ``spec`` into ``out``
+    (from its files' headers: nothing is loaded; see :mod:`lowbit.engine.preflight`).
+    ``None`` for a whole-model method (training), a lowbit DIR, or a model without safetensors
+    files (when not streamed: a streamed run needs them and says so)."""
+    from transformers import AutoConfig
+
+    registered = get_method(method)
+    if stream:
+        _refuse_streaming(registered)
+    path = model_path(spec)
+    if registered.apply_model is not None or lowbit_format.is_lowbit_dir(path):
+        return None
+    try:
+        index = WeightIndex.from_folder(path)
+    except LowbitError:
+        if stream:
+            raise
+        return None
+    hf_config = AutoConfig.from_pretrained(path)
+    run = RunShape(
+        calib.nsamples, calib.seqlen, calib.batch_size, registered.group_blocks(config),
+        _estimated_bits(config), stream,
+    )
+    return estimate(index, hf_config, table_for(hf_config.model_type), run, out, dtype)
+
+
+def _estimated_bits(config: MethodConfig) -> float:
+    """Stored bits per weight ``config`` will give, roughly: its bit width (8 where it names
+    none) plus an fp16 scale and zero point per group."""
+    bits = getattr(config, "bits", None)
+    if bits is None:
+        found = re.search(r"\d+", str(getattr(config, "weight_format", "")))
+        bits = int(found.group()) if found else 8
+    group = getattr(config, "group_size", -1) or -1
+    return bits + (32 / group if group > 0 else 0.0)
+
+
+def _check_weights(loaded: LoadedModel) -> str | None:
+    """Refuse weights with NaN or Inf. A streamed model is read from disk for that, a block
+    at a time, and its weights' sha256 (a checkpoint's fingerprint) is returned on the way."""
+    if loaded.stream is not None:
+        return loaded.stream.scan()
+    check_finite_weights(loaded.model)
+    return None
 
 
 def _distributed_share(method: str, registered, ids: torch.Tensor, resume: bool) -> torch.Tensor:
@@ -189,11 +310,14 @@ def _block_checkpoints(
     ids: torch.Tensor,
     workdir: str | Path | None,
     resume: bool,
+    weights_sha256: str | None,
 ) -> BlockCheckpoints | None:
     """Per-block checkpoints in ``workdir``, fingerprinted by everything the result depends
-    on: method settings, calibration (spec, text, tokens) and the model's weights."""
+    on: method settings, calibration (spec, text, tokens) and the model's weights (their
+    sha256, given for a streamed model, the same value either way)."""
     if workdir is None:
         return None
+    weights_sha256 = weights_sha256 or tensor_sha256(loaded.model.state_dict())
     run = {
         "config": config.to_dict(),
         "calibration": {
@@ -203,7 +327,7 @@ def _block_checkpoints(
         },
         "model": {
             "type": loaded.model.config.model_type,
-            "weights_sha256": tensor_sha256(loaded.model.state_dict()),
+            "weights_sha256": weights_sha256,
         },
     }
     return BlockCheckpoints(CheckpointStore(workdir, resume), run)
@@ -247,14 +371,22 @@ def _check_widths(loaded: LoadedModel, config: MethodConfig) -> None:
 def average_bits(model: nn.Module) -> float:
     """Stored bits per weight over all quantized linears (embeddings and head excluded)."""
     layers = lowbit_format.quantized_layers(model).values()
-    numel = sum(q.in_features * q.out_features for q in layers)
+    return _average_bits([(q.bits_per_weight(), q.in_features, q.out_features) for q in layers])
+
+
+def _average_bits(layers: list[tuple[float, int, int]]) -> float:
+    """Weighted mean of ``(bits per weight, in_features, out_features)``; 16 when empty."""
+    numel = sum(i * o for _, i, o in layers)
     if not numel:
         return 16.0
-    return sum(q.bits_per_weight() * q.in_features * q.out_features for q in layers) / numel
+    return sum(b * i * o for b, i, o in layers) / numel
 
 
 def save_quantized(loaded: LoadedModel, result: QuantizeResult, out_dir: str | Path) -> Path:
-    """Write the quantized model and its manifest (see :mod:`lowbit.export.lowbit_format`)."""
+    """Write the quantized model and its manifest (see :mod:`lowbit.export.lowbit_format`);
+    a streamed model's quantized blocks are read back from its checkpoint folder one at a
+    time."""
+    offloaded = _offloaded(loaded)
     manifest = {
         "lowbit_version": lowbit.__version__,
         "method": result.method,
@@ -268,7 +400,24 @@ def save_quantized(loaded: LoadedModel, result: QuantizeResult, out_dir: str | P
         "layers": {r.name: {"metrics": r.to_dict()} for r in result.layers},
         **result.extra,
     }
-    return lowbit_format.save_quantized(loaded.model, loaded.tokenizer, out_dir, manifest)
+    return lowbit_format.save_quantized(
+        loaded.model, loaded.tokenizer, out_dir, manifest, offloaded
+    )
+
+
+def _offloaded(loaded: LoadedModel) -> list[lowbit_format.OffloadedBlock]:
+    """A streamed model's quantized blocks, read back from its checkpoint folder."""
+    stream = loaded.stream
+    if stream is None:
+        return []
+    if stream.checkpoints is None:
+        raise LowbitError(f"the streamed model {loaded.spec} is not quantized yet; quantize it")
+    return [
+        lowbit_format.OffloadedBlock(
+            stream.block_prefix(i), functools.partial(stream.quantized_block, i)
+        )
+        for i in range(len(stream.blocks))
+    ]
 
 
 def _versions() -> dict[str, str]:
@@ -298,6 +447,11 @@ def evaluate(
 
     Returns ``{"ppl": {corpus: value}, "kld": value | None, "top1_agreement": ..., ...}``.
     """
+    if loaded.stream is not None:
+        raise LowbitError(
+            "a streamed model keeps its blocks on disk and cannot be run; save it "
+            "(save_quantized) and evaluate the saved folder"
+        )
     start = time.perf_counter()
     out: dict[str, Any] = {"ppl": {}, "eval_tokens": {}, "kld": None}
     add_bos = loaded.add_bos

@@ -87,9 +87,10 @@ def quantize(args: argparse.Namespace) -> int:
     settings.update(method_settings(args, args.method))
     config = api.build_config(args.method, settings)
     calib = api.CalibSpec(args.calib, args.nsamples, args.seqlen, args.seed)
-    loaded = api.load_model(args.model)
-    workdir = Path(f"{Path(args.out)}.ckpt")  # resumable state: finished blocks, or training
     main_process = not distributed.init_from_env() or distributed.is_main()
+    estimate = _preflight(args, config, calib, main_process)
+    loaded = api.load_model(args.model, stream=args.stream)
+    workdir = Path(f"{Path(args.out)}.ckpt")  # resumable state: finished blocks, or training
     result = api.quantize(loaded, args.method, config, calib, progress=main_process,
                           workdir=workdir, resume=args.resume)
     if not main_process:
@@ -103,10 +104,14 @@ def quantize(args: argparse.Namespace) -> int:
         "config": config.to_dict(),
         "avg_bits": result.avg_bits,
         "seconds": result.seconds,
+        "stream": args.stream,
+        "preflight": None if estimate is None else estimate.to_dict(),
         "layers": [r.to_dict() for r in result.layers],
         **result.extra,
     }
     if args.ppl or args.kld:
+        if loaded.stream is not None:  # its blocks are on disk: evaluate what was saved
+            loaded = api.load_model(str(out))
         scores = api.evaluate(
             loaded, args.ppl, args.kld, seqlen=args.eval_seqlen, max_tokens=args.max_tokens
         )
@@ -129,6 +134,19 @@ def quantize(args: argparse.Namespace) -> int:
     _write_json(args.json, report)
     discard_checkpoints(workdir)  # the run is complete: its checkpoint is stale
     return 0
+
+
+def _preflight(args: argparse.Namespace, config, calib, main_process: bool):
+    """Print the run's memory and disk estimate and refuse a run that cannot fit, before the
+    model is loaded (stdout: stderr stays one line when the run fails); the estimate, or None
+    when there is none."""
+    estimate = api.preflight(args.model, args.method, config, calib, args.out, args.stream)
+    if estimate is None or not main_process:
+        return estimate
+    print(estimate.describe(), flush=True)
+    if not args.no_preflight:
+        estimate.check()
+    return estimate
 
 
 def _layer_table(layers: list, per_block: bool) -> str:

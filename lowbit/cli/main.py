@@ -48,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run from its checkpoint in OUT.ckpt (finished blocks, "
         "or training steps; start if none)",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="never hold the full-precision model: read each block's weights from the "
+        "safetensors files just before quantizing it, keep quantized blocks in OUT.ckpt until "
+        "the output is written (block-wise methods)",
+    )
+    p.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="print the memory and disk estimate but run even when it does not fit",
+    )
     _add_eval_flags(p, default_ppl=[])
     add_method_flags(p)
     p.set_defaults(func=commands.quantize)

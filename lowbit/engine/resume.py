@@ -28,6 +28,7 @@ import os
 import pickle
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,14 @@ class BlockCheckpoints:
     def folder(self) -> Path:
         return self.store.folder
 
-    def restore(self, blocks: nn.ModuleList) -> Restored | None:
+    def restore(
+        self, blocks: nn.ModuleList, restored: Callable[[nn.Module, int], None] | None = None
+    ) -> Restored | None:
         """Put the finished blocks back into ``blocks``; ``None`` when there is no checkpoint.
 
-        Without ``resume`` an existing checkpoint is an error (see ``CheckpointStore.load``).
+        ``restored(block, index)``, when given, is called after each finished block is back
+        (a streamed run releases it again at once). Without ``resume`` an existing checkpoint
+        is an error (see ``CheckpointStore.load``).
         """
         try:
             state = self.store.load()
@@ -93,7 +98,9 @@ class BlockCheckpoints:
         finished = int(state["finished"])
         reports = []
         for index in range(finished + 1):
-            reports.extend(self._restore_block(blocks[index], index))
+            reports.extend(self.restore_block(blocks[index], index))
+            if restored is not None:
+                restored(blocks[index], index)
         hidden = None
         if finished + 1 < len(blocks):
             hidden = self._load(_inputs_file(finished + 1))["hidden"]
@@ -168,7 +175,9 @@ class BlockCheckpoints:
                 "same model, method settings and calibration, or remove it to start over"
             )
 
-    def _restore_block(self, block: nn.Module, index: int) -> list[LayerReport]:
+    def restore_block(self, block: nn.Module, index: int) -> list[LayerReport]:
+        """Make ``block`` (on any device, meta included) quantized block ``index`` as saved;
+        its layer reports."""
         data = self._load(_block_file(index))
         try:
             state = data["state"]
@@ -177,7 +186,7 @@ class BlockCheckpoints:
                 own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                 bias = own.pop("bias", None)
                 set_submodule(block, name, QuantLinear.from_stored(meta, own, bias))
-            block.load_state_dict(state, strict=True)
+            block.load_state_dict(state, strict=True, assign=True)
         except (KeyError, ValueError, RuntimeError, AttributeError) as exc:
             raise self._unreadable(self.folder / _block_file(index), exc) from exc
         return [LayerReport(**r) for r in json.loads(data["reports"])]
@@ -221,9 +230,15 @@ def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
         if t.numel() and t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        hash_tensor(digest, name, t)
     return digest.hexdigest()
+
+
+def hash_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    """Feed ``name``, dtype, shape and bytes of ``tensor`` to ``digest`` (a hashlib object)."""
+    t = tensor.detach()
+    digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _block_record(block: nn.Module, reports: list[LayerReport]) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Block-by-block quantization: capture, quantize block i, run the quantized block i to get the
 inputs of block i+1. Only one block's calibration activations are alive at a time. With
 checkpoints (:mod:`lowbit.engine.resume`) every finished block is persisted, and an interrupted
-run continues from the next block."""
+run continues from the next block. With a :class:`~lowbit.engine.streaming.BlockStream` the
+blocks start on the meta device: each group's weights are read from disk just before it is
+quantized, and the group is released once it is checkpointed."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from lowbit.algorithms.base import LayerReport, Method, MethodConfig
 from lowbit.engine.capture import capture_block_inputs
 from lowbit.engine.context import BlockContext, GroupContext, drop_dense_caches, run_blocks
 from lowbit.engine.resume import BlockCheckpoints
+from lowbit.engine.streaming import BlockStream
+from lowbit.memory import trim_heap
 from lowbit.models.arch import BlockTable, get_blocks
 
 log = logging.getLogger(__name__)
@@ -31,34 +35,48 @@ def quantize_sequential(
     batch_size: int = 8,
     progress: bool = True,
     checkpoints: BlockCheckpoints | None = None,
+    stream: BlockStream | None = None,
 ) -> list[LayerReport]:
     """Quantize ``model`` in place with ``method``; calibration tokens ``[N, L]`` int64.
 
     With ``checkpoints``, finished blocks are restored from them first and each newly finished
-    block is saved to them. Returns the per-linear reports in block order.
+    block is saved to them. With ``stream`` (which needs ``checkpoints``: they hold the
+    quantized blocks), blocks are loaded from disk one group at a time and released after.
+    Returns the per-linear reports in block order.
     """
+    assert stream is None or checkpoints is not None, "a streamed run needs checkpoints"
     model.eval()
     blocks = get_blocks(model, table)
-    restored = checkpoints.restore(blocks) if checkpoints is not None else None
+    release = stream.release if stream is not None else None
+    restored = checkpoints.restore(blocks, release) if checkpoints is not None else None
     first = 0 if restored is None else restored.next_block
     reports: list[LayerReport] = [] if restored is None else restored.reports
     if first == len(blocks):
         return reports
     inputs = capture_block_inputs(model, blocks, calib_ids, batch_size)
-    hidden = inputs.hidden
+    hidden, inputs.hidden = inputs.hidden, []  # the loop holds the only reference
     if restored is not None:
-        hidden = inputs.hidden = restored.hidden
+        hidden = restored.hidden
     size = method.group_blocks(config)
     with tqdm(total=len(blocks), initial=first, disable=not progress, unit="block") as bar:
         for start in range(first, len(blocks), size):
+            indices = range(start, min(start + size, len(blocks)))
+            if stream is not None:
+                for i in indices:
+                    stream.load(blocks[i], i)
             contexts = [
                 BlockContext(blocks[i], i, f"{table.blocks}.{i}", table, hidden, inputs)
-                for i in range(start, min(start + size, len(blocks)))
+                for i in indices
             ]
             group_reports, hidden = _quantize_group(contexts, method, config, bar)
             reports.extend(r for block_reports in group_reports for r in block_reports)
             if checkpoints is not None:
                 _checkpoint_group(checkpoints, contexts, group_reports, hidden, len(blocks))
+            if stream is not None:
+                for ctx in contexts:
+                    stream.release(ctx.block, ctx.index)
+            del contexts  # the group's inputs go before the next group's outputs come
+            trim_heap()  # else freed activations stay resident (lowbit.memory.trim_heap)
     return reports
 
 

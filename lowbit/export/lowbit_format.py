@@ -16,6 +16,9 @@ so a truncated, corrupt or edited file is an error naming it, never different we
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from torch import nn
 from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError, write_error
 from lowbit.export import integrity
+from lowbit.export.safetensors_stream import StreamedSafetensors
 from lowbit.models.arch import set_submodule
 from lowbit.nn.act_quant import SIMULATED
 from lowbit.nn.quant_linear import QuantLinear
@@ -56,33 +60,41 @@ def check_output_dir(out_dir: str | Path) -> None:
         )
 
 
+@dataclass(frozen=True)
+class OffloadedBlock:
+    """A quantized decoder block kept on disk by a streamed run.
+
+    Attributes:
+        prefix: its dotted path with a trailing dot (``model.layers.3.``).
+        open: ``with open() as block:`` the block module, read back from disk for as long as
+            the context lasts.
+    """
+
+    prefix: str
+    open: Callable[[], AbstractContextManager[nn.Module]]
+
+
 def save_quantized(
-    model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict[str, Any]
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    manifest: dict[str, Any],
+    offloaded: Sequence[OffloadedBlock] = (),
 ) -> Path:
     """Write ``model`` (with QuantLinear layers) as a lowbit DIR, atomically.
 
     ``manifest`` holds the run description (method, recipe, metrics, ...); the per-layer
-    stored-weight descriptions and the format version are added here.
+    stored-weight descriptions and the format version are added here. ``offloaded`` blocks
+    (a streamed run's, on the meta device in ``model``) are read back one at a time, and the
+    weights file is written in two passes (:mod:`lowbit.export.safetensors_stream`): the bytes
+    are those the in-memory model would give.
     """
     out = Path(out_dir)
     check_output_dir(out)
-    layers = quantized_layers(model)
-    manifest = dict(manifest)
-    manifest["format_version"] = FORMAT_VERSION
-    manifest["layers"] = {
-        name: {
-            "weight": q.weight_meta,
-            **q.addon_meta(),
-            **manifest.get("layers", {}).get(name, {}),
-        }
-        for name, q in layers.items()
-    }
-    acts = sorted({q.act_quant.describe() for q in layers.values() if q.act_quant is not None})
-    if acts:
-        manifest["activations"] = {"quantized": acts, "execution_cpu": SIMULATED}
     try:
         with atomic_dir(out) as tmp:
-            _write_files(model, tokenizer, tmp, manifest)
+            layers, acts = _write_weights(model, offloaded, tmp / WEIGHTS)
+            _write_files(model, tokenizer, tmp, _complete(manifest, layers, acts))
     except OSError as exc:
         raise write_error(
             out, exc, "the partial folder was removed and an earlier output there is unchanged"
@@ -90,9 +102,61 @@ def save_quantized(
     return out
 
 
+def _complete(
+    manifest: dict[str, Any], layers: dict[str, dict], acts: set[str]
+) -> dict[str, Any]:
+    """The manifest with the format version, each quantized linear's stored-weight description
+    (merged with its metrics) and the activation formats."""
+    manifest = dict(manifest)
+    manifest["format_version"] = FORMAT_VERSION
+    metrics = manifest.get("layers", {})
+    manifest["layers"] = {n: {**entry, **metrics.get(n, {})} for n, entry in layers.items()}
+    if acts:
+        manifest["activations"] = {"quantized": sorted(acts), "execution_cpu": SIMULATED}
+    return manifest
+
+
+def _write_weights(
+    model: nn.Module, offloaded: Sequence[OffloadedBlock], path: Path
+) -> tuple[dict[str, dict], set[str]]:
+    """Write every tensor of ``model`` (and of the ``offloaded`` blocks) to ``path``; the
+    manifest entries of the quantized linears and their activation formats."""
+    prefixes = tuple(part.prefix for part in offloaded)
+    layers = {n: q for n, q in quantized_layers(model).items() if not n.startswith(prefixes)}
+    entries, acts = _layer_entries(layers)
+    rest = _unique_state_dict(model, skip=prefixes)
+    if not offloaded:
+        save_file(rest, str(path), metadata={"format": "pt"})
+        return entries, acts
+    writer = StreamedSafetensors({"format": "pt"})
+    writer.add(rest)
+    for part in offloaded:
+        with part.open() as block:
+            writer.add(_unique_state_dict(block, prefix=part.prefix))
+            more, more_acts = _layer_entries(quantized_layers(block), part.prefix)
+            entries.update(more)
+            acts |= more_acts
+    writer.open(path)
+    writer.write(rest)
+    for part in offloaded:
+        with part.open() as block:
+            writer.write(_unique_state_dict(block, prefix=part.prefix))
+    writer.close()
+    return entries, acts
+
+
+def _layer_entries(
+    layers: dict[str, QuantLinear], prefix: str = ""
+) -> tuple[dict[str, dict], set[str]]:
+    """Manifest entries (stored-weight and add-on descriptions) of ``layers``, and the set of
+    their activation formats."""
+    entries = {prefix + n: {"weight": q.weight_meta, **q.addon_meta()} for n, q in layers.items()}
+    acts = {q.act_quant.describe() for q in layers.values() if q.act_quant is not None}
+    return entries, acts
+
+
 def _write_files(model: nn.Module, tokenizer, folder: Path, manifest: dict[str, Any]) -> None:
-    """Weights, config, tokenizer, then the manifest sealed over all of them."""
-    save_file(_unique_state_dict(model), str(folder / WEIGHTS), metadata={"format": "pt"})
+    """Config, tokenizer, then the manifest sealed over them and the weights."""
     config = model.config.to_dict()
     config["quantization_config"] = {
         "quant_method": "lowbit",
@@ -107,16 +171,21 @@ def _write_files(model: nn.Module, tokenizer, folder: Path, manifest: dict[str, 
     (folder / MANIFEST).write_text(json.dumps(sealed, indent=2))
 
 
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without tied duplicates (e.g. lm_head.weight tied to the embeddings)."""
+def _unique_state_dict(
+    model: nn.Module, prefix: str = "", skip: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """State dict (names prefixed with ``prefix``, names starting with one of ``skip`` left
+    out) without tied duplicates (e.g. lm_head.weight tied to the embeddings)."""
     seen: set[int] = set()
     out = {}
     for name, tensor in model.state_dict().items():
+        if skip and name.startswith(skip):
+            continue
         key = tensor.data_ptr()
         if key in seen and tensor.numel():
             continue
         seen.add(key)
-        out[name] = tensor.contiguous()
+        out[prefix + name] = tensor.contiguous()
     return out
 
 
