@@ -13,7 +13,8 @@
 # a result JSON that exists is kept (re-running resumes). Each JSON's "training" block records
 # seconds and CPU seconds per step, the training phase's peak RSS and the training state sizes;
 # the script ends with the LR-QAT vs full-QAT cost table.
-# Usage: [STEPS=N] [MAX_TOKENS=N] [BITS="4 3"] [OUT=results/lrqat] [RUNS=runs] \
+# Usage: [STEPS=N] [MAX_TOKENS=N] [BITS="4 3"] [ROWS="rtn gptq lrqat fullqat"] \
+#   [OUT=results/lrqat] [RUNS=runs] \
 #   benchmarks/lrqat.sh [MODEL]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,10 +34,18 @@ run() {  # name, then quantize flags
   "$LOWBIT" quantize "$M" "$@" "${EVAL[@]}" --out "$RUNS/$M-$name" --json "$OUT/$M-$name.json"
 }
 for bits in ${BITS:-4 3}; do
-  run "rtn-w$bits-pc" --method rtn --bits "$bits" -g -1 --sym
-  run "gptq-w$bits-pc" --method gptq --bits "$bits" -g -1 --sym --nsamples 32 --seqlen 512
-  run "lrqat-w$bits-pc" --method lrqat --bits "$bits" -g -1 --alpha 32 "${TRAIN[@]}"
-  run "fullqat-w$bits-pc" --method lrqat --full-qat --bits "$bits" -g -1 "${TRAIN[@]}"
+  for row in ${ROWS:-rtn gptq lrqat fullqat}; do
+    case $row in
+      # RTN's weights do not depend on the calibration data (only its reported output error)
+      rtn) run "rtn-w$bits-pc" --method rtn --bits "$bits" -g -1 --sym --nsamples 16 ;;
+      gptq) run "gptq-w$bits-pc" --method gptq --bits "$bits" -g -1 --sym --nsamples 32 \
+        --seqlen 512 ;;
+      lrqat) run "lrqat-w$bits-pc" --method lrqat --bits "$bits" -g -1 --alpha 32 "${TRAIN[@]}" ;;
+      fullqat) run "fullqat-w$bits-pc" --method lrqat --full-qat --bits "$bits" -g -1 \
+        "${TRAIN[@]}" ;;
+      *) echo "unknown row $row (rtn gptq lrqat fullqat)" >&2; exit 2 ;;
+    esac
+  done
 done
 "$PYTHON" benchmarks/table.py "$OUT/$M"-*.json
 "$PYTHON" benchmarks/lrqat_cost.py "$OUT/$M"-*qat-*.json
