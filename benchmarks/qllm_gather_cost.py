@@ -3,8 +3,9 @@
 Two layers with SmolLM2-135M's shapes (gate 576 -> 1536, down 1536 -> 576), W4 per-channel
 asymmetric, activations int4 asymmetric per token (simulated), with and without a reassembly
 that splits 5% of the channels (10% extra, merged back to the same width, as QLLM's cap). Each
-case is timed in the same run (median of repeated calls, torch.utils.benchmark), fp32 (the
-reference path) and bf16 (the CPU int4 kernel), for 1 token (decoding) and 512 tokens
+case is timed in the same run, alternating plain and reassembled five times (each timing the
+median of repeated calls, torch.utils.benchmark; the median of the five ratios is reported), fp32
+(the reference path) and bf16 (the CPU int4 kernel), for 1 token (decoding) and 512 tokens
 (prefill). Prints a table and writes JSON.
 
 Usage: python benchmarks/qllm_gather_cost.py [--json results/qllm/gather_cost.json]
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from torch.utils import benchmark
 from lowbit.algorithms.reassembly import build_plan, reassemble_weight
 from lowbit.algorithms.wa_quant import WAConfig, quantized_linear
 
+REPEATS = 5  # alternating plain / reassembled timings; the median ratio is reported
 SHAPES = {"gate 576->1536": (1536, 576), "down 1536->576": (576, 1536)}
 
 
@@ -46,7 +49,7 @@ def _time(layer, x) -> float:
     with torch.inference_mode():
         layer(x)  # prepare the kernel once
         t = benchmark.Timer("layer(x)", globals={"layer": layer, "x": x})
-        return t.blocked_autorange(min_run_time=0.5).median
+        return t.blocked_autorange(min_run_time=0.3).median
 
 
 def main() -> None:
@@ -59,18 +62,22 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             for tokens in (1, 512):
                 x = torch.randn(tokens, in_f).to(dtype)
-                t_plain, t_re = _time(plain, x), _time(reassembled, x)
+                pairs = [(_time(plain, x), _time(reassembled, x)) for _ in range(REPEATS)]
+                ratios = sorted(r / p for p, r in pairs)
                 rows.append({
                     "layer": name, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
                     "extra_channels": plan.extra, "merged_pairs": plan.merged,
-                    "plain_us": t_plain * 1e6, "reassembled_us": t_re * 1e6,
-                    "ratio": t_re / t_plain,
+                    "plain_us": statistics.median(p for p, _ in pairs) * 1e6,
+                    "reassembled_us": statistics.median(r for _, r in pairs) * 1e6,
+                    "ratio": statistics.median(ratios),
+                    "ratio_min_max": [ratios[0], ratios[-1]],
                 })
-    print("| layer | dtype | tokens | plain µs | with gather µs | ratio |")
+    print("| layer | dtype | tokens | plain µs | with gather µs | ratio (min-max) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        lo, hi = r["ratio_min_max"]
         print(f"| {r['layer']} | {r['dtype']} | {r['tokens']} | {r['plain_us']:.1f} | "
-              f"{r['reassembled_us']:.1f} | {r['ratio']:.3f} |")
+              f"{r['reassembled_us']:.1f} | {r['ratio']:.3f} ({lo:.2f}-{hi:.2f}) |")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"threads": torch.get_num_threads(), "cpu": platform.processor(),

@@ -271,3 +271,22 @@ def test_local_candidate_error_equals_whole_block_error(smollm2_2blocks):
         local = points.error(ctx, windows, i)
         points.local[i] = None
         assert points.error(ctx, windows, i) == local
+
+
+@pytest.mark.parametrize("assemble", [True, False])
+def test_untouched_channels_stay_in_place_and_the_copy_path_is_exact(assemble):
+    x = _outlier_input()
+    w = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
+    absmax = x.abs().amax(0)
+    plan = build_plan(x, absmax, w, float(absmax[17]) / 3, assemble=assemble)
+    merged = plan.second != plan.first
+    touched = set(plan.first[merged].tolist()) | set(plan.second[merged].tolist()) | {5, 17}
+    for j in set(range(48)) - touched:
+        assert (int(plan.first[j]), int(plan.second[j]), int(plan.divisor[j])) == (j, j, 1)
+    r = plan.module(48)
+    assert r._operands(torch.float32)[0] is not None  # the copy path is taken
+    x3 = torch.randn(2, 7, 48)
+    full = torch.addcmul(x3[..., r.first.long()] * r.coefficients()[0],
+                         x3[..., r.second.long()], r.coefficients()[1])
+    assert torch.equal(r(x3), full)
+    assert torch.allclose(r(x3), x3 @ r.matrix())

@@ -191,16 +191,26 @@ def build_plan(
             partner[a[i]] = b[j]
             partner[b[j]] = -2  # absorbed into its partner's entry
         merged = len(pairs)
+    # untouched channels stay in place (the run-time gather then copies them whole); a split
+    # channel's first copy stays in place, the others fill the slots merged partners free,
+    # then extend the width
     entries: list[tuple[int, int, int]] = []
+    free: list[int] = []
     for ch in range(c):
         p = int(partner[ch])
         if p >= 0:
             entries.append((ch, p, 2))
         elif p == -1:
             entries.append((ch, ch, int(counts[ch])))
-    for ch in torch.nonzero(outlier).flatten().tolist():
-        t = int(counts[ch])
-        entries += [(ch, ch, t)] * (t - 1)
+        else:
+            entries.append((ch, ch, 1))  # placeholder, replaced by a split copy below
+            free.append(ch)
+    copies = [(ch, ch, int(counts[ch])) for ch in torch.nonzero(outlier).flatten().tolist()
+              for _ in range(int(counts[ch]) - 1)]
+    assert len(free) <= len(copies)  # merged pairs <= extra channels
+    for slot, entry in zip(free, copies, strict=False):
+        entries[slot] = entry
+    entries += copies[len(free):]
     first, second, divisor = (torch.tensor(v, dtype=torch.long) for v in zip(*entries, strict=True))
     return Plan(
         first,

@@ -56,18 +56,39 @@ class ChannelReassembly(nn.Module):
         return inv, torch.where(self.second != self.first, inv, torch.zeros_like(inv))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[..., C]`` -> ``[..., C']`` in ``x.dtype``."""
-        first, second, ca, cb = self._operands(x.dtype)
-        return torch.addcmul(x.index_select(-1, first) * ca, x.index_select(-1, second), cb)
+        """``x`` ``[..., C]`` -> ``[..., C']`` in ``x.dtype``.
 
-    def _operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """int32 indices and ``dtype`` coefficients, cached until a buffer changes."""
+        Entries ``j < C`` that are ``(j, j, 1)`` are a copy of ``x``'s channel ``j``: when most
+        entries are (QLLM's plans keep untouched channels in place), ``x`` is copied whole and
+        only the other entries are gathered; the values are the same either way.
+        """
+        changed, first, second, ca, cb = self._operands(x.dtype)
+        gathered = torch.addcmul(x.index_select(-1, first) * ca, x.index_select(-1, second), cb)
+        if changed is None:
+            return gathered
+        width = self.out_features
+        if width == self.in_features:
+            out = x.clone()
+        else:
+            out = torch.cat([x, x.new_zeros(*x.shape[:-1], width - self.in_features)], dim=-1)
+        return out.index_copy_(-1, changed, gathered)
+
+    def _operands(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+        """(positions to gather or None for all, their int32 indices and ``dtype``
+        coefficients), cached until a buffer changes."""
         key = (dtype, self.first.device, *(t._version for t in (self.first, self.second,
                                                                  self.divisor)))
         cached = getattr(self, "_cached", None)
         if cached is None or cached[0] != key:
             ca, cb = self.coefficients()
-            cached = (key, (self.first.int(), self.second.int(), ca.to(dtype), cb.to(dtype)))
+            j = torch.arange(self.out_features, device=self.first.device)
+            same = ((self.first.long() == j) & (self.second.long() == j) & (self.divisor == 1)
+                    & (j < self.in_features))
+            changed = torch.nonzero(~same).flatten()
+            sel = changed if 2 * changed.numel() < self.out_features else None
+            pick = (lambda t: t) if sel is None else (lambda t: t.index_select(0, sel))
+            cached = (key, (sel, pick(self.first).int(), pick(self.second).int(),
+                            pick(ca).to(dtype), pick(cb).to(dtype)))
             self._cached = cached
         return cached[1]
 
