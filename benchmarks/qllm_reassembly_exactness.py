@@ -19,29 +19,15 @@ import statistics
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from lowbit import api
-from lowbit.algorithms.reassembly import build_plan, reassemble_weight, threshold_candidates
+from lowbit.algorithms.reassembly import ReassembledLinear, build_plan, threshold_candidates
 from lowbit.algorithms.wa_quant import input_stats
 from lowbit.data.calibration import calibration_batch
 from lowbit.data.corpora import load_text
 from lowbit.engine.capture import block_output, capture_block_inputs
 from lowbit.engine.context import BlockContext
 from lowbit.models.arch import get_blocks
-
-
-class FpReassembled(nn.Module):
-    """A full-precision linear behind a channel reassembly (no quantization)."""
-
-    def __init__(self, linear: nn.Linear, plan) -> None:
-        super().__init__()
-        self.gather = plan.module(linear.in_features)
-        self.weight = reassemble_weight(linear.weight, plan)
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(self.gather(x), self.weight, self.bias)
 
 
 @torch.no_grad()
@@ -59,7 +45,7 @@ def block_errors(ctx: BlockContext, assemble: bool) -> float:
         plan = build_plan(stats.sample, stats.absmax, weight, theta, assemble)
         for name in group:
             originals[name] = ctx.module(name)
-            ctx.replace(name, FpReassembled(originals[name], plan))
+            ctx.replace(name, ReassembledLinear(originals[name], plan))
     try:
         out = block_output(ctx.block, x, call)
     finally:

@@ -83,3 +83,10 @@ def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
 def rel_err(ref: torch.Tensor, other: torch.Tensor) -> float:
     """max |ref - other| / max |ref|."""
     return float((ref - other).abs().max() / ref.abs().max())
+
+
+def assert_same_logits(a: torch.nn.Module, b: torch.nn.Module, ids: torch.Tensor | None = None):
+    """Two causal LMs give bit-identical logits on ``ids`` ``[1, T]`` (a short default)."""
+    ids = torch.tensor([[1, 2, 3, 4, 5, 600, 700]]) if ids is None else ids
+    with torch.inference_mode():
+        assert torch.equal(a(ids).logits, b(ids).logits)

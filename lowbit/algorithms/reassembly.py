@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from lowbit.nn.reassembly import ChannelReassembly
 
@@ -58,6 +59,20 @@ def reassemble_weight(weight: torch.Tensor, plan: Plan) -> torch.Tensor:
     w = weight.detach().float()
     merged = (plan.second != plan.first).float()
     return w[:, plan.first] + w[:, plan.second] * merged
+
+
+class ReassembledLinear(nn.Module):
+    """A full-precision linear behind a reassembly, no quantization: ``R(x) W'^T + b``
+    (checks that reassembly alone leaves a block's output unchanged)."""
+
+    def __init__(self, linear: nn.Linear, plan: Plan) -> None:
+        super().__init__()
+        self.gather = plan.module(linear.in_features)
+        self.weight = reassemble_weight(linear.weight, plan)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.gather(x), self.weight, self.bias)
 
 
 def split_counts(absmax: torch.Tensor, theta: float) -> torch.Tensor:
