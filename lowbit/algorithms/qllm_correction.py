@@ -85,7 +85,7 @@ def correct_group(config, group, per_block: list[list[LayerReport]]) -> list[Lay
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            last_epoch += float(loss) / len(pairs)
+            last_epoch += float(loss.detach()) / len(pairs)
     for p in norms:
         p.requires_grad_(False)
     _merge(config, layers)
