@@ -243,11 +243,11 @@ def test_cli_smoothquant_and_rtn_baseline(smollm2_2blocks, tmp_path, capsys):
 
 def test_local_candidate_error_equals_whole_block_error(smollm2_2blocks):
     """Candidates of MLP groups run only the MLP: the error must be the whole block's."""
-    from lowbit.algorithms.wa_quant import WAConfig, observation_points, quantized_linear
+    from lowbit.algorithms.wa_quant import ObservationPoints, WAConfig, quantized_linear
 
     loaded, ctx = _block0(smollm2_2blocks)
     windows = [ctx.hidden[0]]
-    points = observation_points(ctx, windows)
+    points = ObservationPoints(ctx, windows)
     groups = loaded.table.sequential
     assert points.local == [None, None, "mlp", "mlp"]
     for name in groups[0] + groups[2]:

@@ -38,9 +38,9 @@ from lowbit.algorithms.reassembly import (
     threshold_candidates,
 )
 from lowbit.algorithms.wa_quant import (
+    ObservationPoints,
     WAConfig,
     input_stats,
-    observation_points,
     quantized_linear,
     search_windows,
 )
@@ -117,7 +117,7 @@ def _reassembled_groups(table) -> set[str]:
 def apply_block(config: QLLMConfig, ctx) -> list[LayerReport]:
     names = [n for n in ctx.table.linear_names if not config.ignores(ctx.full_name(n))]
     windows = search_windows(ctx.hidden, config.search_windows)
-    targets = observation_points(ctx, windows)
+    targets = ObservationPoints(ctx, windows)
     reassembled = _reassembled_groups(ctx.table) if config.reassembly else set()
     reports: list[LayerReport] = []
     for index, group in enumerate(ctx.table.sequential):

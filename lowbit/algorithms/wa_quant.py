@@ -14,6 +14,7 @@ import torch
 
 from lowbit.algorithms.weight_config import IntWeightConfig
 from lowbit.engine.capture import block_output
+from lowbit.engine.context import StopBlock
 from lowbit.errors import LowbitError
 from lowbit.formats.intq import rtn_quantize
 from lowbit.formats.packed_int import PackedIntWeight
@@ -80,10 +81,6 @@ def search_windows(hidden: list[torch.Tensor], count: int) -> list[torch.Tensor]
         out.append(part)
         taken += part.shape[0]
     return out
-
-
-class StopBlock(Exception):
-    """Raised once the observed value is captured: the rest of the block is not needed."""
 
 
 class ObservationPoints:
@@ -168,16 +165,19 @@ def input_stats(ctx, name: str, sample_tokens: int) -> InputStats:
             rows.append(x[: sample_tokens - taken].clone())
         raise StopBlock
 
-    handle = ctx.module(name).register_forward_pre_hook(observe)
+    _run_with_pre_hook(ctx, name, observe, ctx.hidden)
+    return InputStats(absmax, torch.cat(rows), float(absmax.max()))
+
+
+def _run_with_pre_hook(ctx, name: str, hook, windows: list[torch.Tensor]) -> None:
+    """Run the block on each of ``windows`` with ``hook`` on submodule ``name``'s input; the
+    hook raises :class:`StopBlock` once it has what it needs."""
+    handle = ctx.module(name).register_forward_pre_hook(hook)
     try:
-        for x in ctx.hidden:
-            try:
-                block_output(ctx.block, x, ctx.inputs.call_for(ctx.index, x))
-            except StopBlock:
-                pass
+        for x in windows:
+            _run_until_stopped(ctx.block, x, ctx.inputs.call_for(ctx.index, x))
     finally:
         handle.remove()
-    return InputStats(absmax, torch.cat(rows), float(absmax.max()))
 
 
 def _run_until_stopped(module: torch.nn.Module, x: torch.Tensor, call: tuple) -> None:
@@ -208,12 +208,7 @@ def _capture_input(ctx, name: str, windows: list[torch.Tensor]) -> list[torch.Te
         seen.append(args[0].detach())
         raise StopBlock
 
-    handle = ctx.module(name).register_forward_pre_hook(keep)
-    try:
-        for x in windows:
-            _run_until_stopped(ctx.block, x, ctx.inputs.call_for(ctx.index, x))
-    finally:
-        handle.remove()
+    _run_with_pre_hook(ctx, name, keep, windows)
     return seen
 
 
@@ -223,7 +218,3 @@ def _point(ctx, groups, i: int) -> tuple[str, bool]:
     if i + 1 < len(groups):
         return groups[i + 1][0], False
     return groups[i][0], True
-
-
-def observation_points(ctx, windows: list[torch.Tensor]) -> ObservationPoints:
-    return ObservationPoints(ctx, windows)

@@ -67,7 +67,7 @@ class BlockContext:
             accs[name].add(x)
             seen.add(name)
             if len(seen) == len(accs):
-                raise _StopBlock
+                raise StopBlock
 
         hooks = [
             self.module(n).register_forward_pre_hook(
@@ -81,7 +81,7 @@ class BlockContext:
                     seen.clear()
                     try:
                         block_output(self.block, x, self.inputs.call_for(self.index, x))
-                    except _StopBlock:
+                    except StopBlock:
                         pass
             finally:
                 for hook in hooks:
@@ -155,5 +155,6 @@ def drop_dense_caches(block: nn.Module) -> None:
             m.drop_cache()
 
 
-class _StopBlock(Exception):
-    """Raised once every observed linear has its input: the rest of the block is not needed."""
+class StopBlock(Exception):
+    """Raised by an observing hook once it has what it needs: the rest of the block is not
+    needed (the engine's Hessian collection, the weight-activation methods' statistics)."""
