@@ -11,9 +11,14 @@ quantized but not reassembled):
    ``channel_ratio * C`` extra channels, and the one with the least MSE of the next op's output
    (attention output for q/k/v, ``act(gate) * up`` for gate/up, down's output for down) against
    the full-precision block is kept; ``theta = max|x|`` (no reassembly) is always a candidate;
-3. the linears become :class:`~lowbit.nn.quant_linear.QuantLinear` with the reassembly
-   (gather-and-scale of the input), per-token asymmetric activation quantization and
-   per-channel asymmetric min-max integer weights (RTN on the reassembled weight).
+3. the plan's divisors (``1/T`` of a split channel, ``1/2`` of a merged pair) are folded into
+   what produces the input, the norm's gain for q/k/v and gate/up and ``up_proj``'s rows for
+   down (``up_proj`` is re-rounded from its scaled weight), so what stays at run time is an
+   index gather and add (``fold_scales``; it is skipped, and the layer scales, where a reader
+   of the input is not quantized or no producer is known);
+4. the linears become :class:`~lowbit.nn.quant_linear.QuantLinear` with the reassembly,
+   per-token asymmetric activation quantization and per-channel asymmetric min-max integer
+   weights (RTN on the reassembled weight).
 
 With ``correction`` on, every ``group_blocks`` blocks the error correction of
 :mod:`lowbit.algorithms.qllm_correction` trains low-rank terms and the norm gains, merges and
@@ -22,6 +27,7 @@ re-quantizes. With both ``reassembly`` and ``correction`` off this is the RTN W/
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -37,6 +43,7 @@ from lowbit.algorithms.reassembly import (
     reassemble_weight,
     threshold_candidates,
 )
+from lowbit.algorithms.smoothquant import PRODUCERS, fold_into_norm, scale_rows
 from lowbit.algorithms.wa_quant import (
     ObservationPoints,
     WAConfig,
@@ -46,6 +53,7 @@ from lowbit.algorithms.wa_quant import (
 )
 from lowbit.errors import LowbitError
 from lowbit.nn.act_quant import ActQuantizer
+from lowbit.nn.quant_linear import QuantLinear
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,8 @@ class QLLMConfig(WAConfig):
             paper's ``||(x_a - x_b)(w_a - w_b) / 2||^2``).
         channel_ratio: cap on extra channels per input, as a fraction of its width.
         search_steps: thresholds tried per input (spread over the extra-channel counts).
+        fold_scales: fold the reassembly's divisors into the norm gain or up_proj rows that
+            produce the input, leaving a pure gather at run time.
         correction: efficient error correction (low-rank terms and norm gains trained per
             group of blocks, merged and re-quantized).
         group_blocks: blocks per error-correction group (4 in the paper; 1 for tight memory).
@@ -75,6 +85,7 @@ class QLLMConfig(WAConfig):
     pair_score: str = "code"
     channel_ratio: float = 0.1
     search_steps: int = 12
+    fold_scales: bool = True
     correction: bool = True
     group_blocks: int = 4
     rank: int = 4
@@ -120,6 +131,7 @@ def apply_block(config: QLLMConfig, ctx) -> list[LayerReport]:
     targets = ObservationPoints(ctx, windows)
     reassembled = _reassembled_groups(ctx.table) if config.reassembly else set()
     reports: list[LayerReport] = []
+    installed: dict[str, torch.Tensor] = {}  # fp32 weight each linear was rounded from
     for index, group in enumerate(ctx.table.sequential):
         members = [n for n in group if n in names]
         if not members:
@@ -129,9 +141,37 @@ def apply_block(config: QLLMConfig, ctx) -> list[LayerReport]:
         plan, search = None, {}
         if group[0] in reassembled:
             plan, search = _search(config, ctx, members, stats, windows, targets, index)
+        if plan is not None and config.fold_scales and members == list(group):
+            plan, search["folded_into"] = _fold_divisors(config, ctx, group, plan, installed,
+                                                         reports)
         for name in members:
-            reports.append(_install(config, ctx, name, plan, stats, search, start))
+            reports.append(_install(config, ctx, name, plan, stats, search, start, installed))
     return reports
+
+
+def _fold_divisors(config, ctx, group, plan, installed, reports) -> tuple[Plan, str | None]:
+    """Divide the input's producer by ``plan``'s per-channel divisors: the norm feeding
+    ``group``, or the rows of the linear producing down's input. Returns the plan to install
+    (gather only when folded) and the producer's name (None: kept in the gather)."""
+    d = plan.source_divisors(ctx.module(group[0]).in_features).float()
+    norms = {linears: norm for norm, linears in ctx.table.norm_feeds}
+    if tuple(group) in norms:
+        fold_into_norm(ctx.module(norms[tuple(group)]), d, ctx.table.norm_gain_offset)
+        return plan.gather_only(), norms[tuple(group)]
+    producer = PRODUCERS.get(group[0]) if len(group) == 1 else None
+    if producer is None:
+        return plan, None
+    module = ctx.module(producer)
+    if not isinstance(module, QuantLinear):  # left in full precision (--ignore)
+        scale_rows(module, d)
+        return plan.gather_only(), producer
+    weight = installed[producer] / d[:, None]
+    bias = None if module.bias is None else module.bias / d.to(module.bias.dtype)
+    quant = _quantize(config, ctx, producer, weight, bias, module.reassembly, installed)
+    for i, report in enumerate(reports):
+        if report.name == ctx.full_name(producer):
+            reports[i] = dataclasses.replace(report, weight_rel_err=_rel_err(quant, weight))
+    return plan.gather_only(), producer
 
 
 def _search(config, ctx, members, stats, windows, targets, index) -> tuple[Plan | None, dict]:
@@ -169,18 +209,29 @@ def _simulated(config: QLLMConfig, linear: nn.Linear, plan: Plan) -> nn.Module:
                             if plan.extra else None)
 
 
-def _install(config, ctx, name, plan, stats, search, start) -> LayerReport:
+def _quantize(config, ctx, name, weight, bias, reassembly, installed) -> QuantLinear:
+    """Round ``weight`` (fp32 ``[R, C']``) into a QuantLinear and install it as ``name``."""
+    quant = quantized_linear(config, weight, bias, reassembly)
+    if config.correction:
+        quant.source_weight = weight  # fp32 [R, C'] the error correction merges into
+    installed[name] = weight
+    ctx.replace(name, quant)
+    return quant
+
+
+def _rel_err(quant: QuantLinear, weight: torch.Tensor) -> float:
+    return float((quant.dequantized_weight() - weight).norm() / weight.norm().clamp(min=1e-30))
+
+
+def _install(config, ctx, name, plan, stats, search, start, installed) -> LayerReport:
     linear = ctx.module(name)
     weight = linear.weight.detach().float()
     reassembly = None
     if plan is not None:
         weight = reassemble_weight(weight, plan)
         reassembly = plan.module(linear.in_features)
-    quant = quantized_linear(config, weight, linear.bias, reassembly)
-    if config.correction:
-        quant.source_weight = weight  # fp32 [R, C'] the error correction merges into
-    w_err = float((quant.dequantized_weight() - weight).norm() / weight.norm().clamp(min=1e-30))
-    ctx.replace(name, quant)
+    quant = _quantize(config, ctx, name, weight, linear.bias, reassembly, installed)
+    w_err = _rel_err(quant, weight)
     extra = {
         "activations": _describe(quant.act_quant),
         "input_absmax": stats.amax,

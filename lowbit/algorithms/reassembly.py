@@ -17,6 +17,7 @@ The result is a :class:`Plan`, the ``(first, second, divisor)`` entries of
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -52,6 +53,28 @@ class Plan:
 
     def module(self, in_features: int) -> ChannelReassembly:
         return ChannelReassembly(self.first, self.second, self.divisor, in_features)
+
+    def source_divisors(self, in_features: int) -> torch.Tensor:
+        """int64 ``[C]``: the divisor each input channel is read with (``T_c`` for a split
+        channel, 2 for a merged one, 1 otherwise), so that dividing the input by it before a
+        :meth:`gather_only` plan gives this plan's output.
+
+        Raises:
+            ValueError: a channel is read with two divisors (build_plan never does this).
+        """
+        merged = self.second != self.first
+        d = torch.ones(in_features, dtype=torch.long)
+        d[self.first] = self.divisor
+        d[self.second[merged]] = self.divisor[merged]
+        if not (torch.equal(d[self.first], self.divisor)
+                and torch.equal(d[self.second[merged]], self.divisor[merged])):
+            raise ValueError("a channel is read with two divisors; the plan cannot be folded")
+        return d
+
+    def gather_only(self) -> Plan:
+        """The same entries with every divisor 1: the plan once its divisors are folded into
+        what produces the input (:meth:`source_divisors`)."""
+        return dataclasses.replace(self, divisor=torch.ones_like(self.divisor))
 
 
 def reassemble_weight(weight: torch.Tensor, plan: Plan) -> torch.Tensor:

@@ -19,8 +19,10 @@ from lowbit.algorithms.base import LayerReport, register
 from lowbit.algorithms.wa_quant import WAConfig, input_stats, quantized_linear
 from lowbit.errors import LowbitError
 
-# the linear whose output rows produce down_proj's input, per down-projection name
-_PRODUCERS = {"mlp.down_proj": "mlp.up_proj", "fc2": "fc1"}
+# the linear whose output rows produce down_proj's input, per down-projection name: dividing
+# its rows by s divides the input by s (act(gate) * up is linear in up; OPT's fc1 feeds a ReLU,
+# which commutes with a positive scale)
+PRODUCERS = {"mlp.down_proj": "mlp.up_proj", "fc2": "fc1"}
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,14 @@ def smooth_block(config: SmoothQuantConfig, ctx) -> dict[str, float]:
     table = ctx.table
     plans = [(norm, linears) for norm, linears in table.norm_feeds]
     last = table.sequential[-1]
-    if last[0] in _PRODUCERS:
-        plans.append((_PRODUCERS[last[0]], last))
+    if last[0] in PRODUCERS:
+        plans.append((PRODUCERS[last[0]], last))
     stats = {linears[0]: input_stats(ctx, linears[0], 1).absmax for _src, linears in plans}
     applied = {}
     for source, linears in plans:
         weights = torch.cat([ctx.module(n).weight for n in linears])
         s = smoothing_scales(stats[linears[0]], weights, config.smooth_alpha)
-        if source in _PRODUCERS.values():
+        if source in PRODUCERS.values():
             scale_rows(ctx.module(source), s)
         else:
             fold_into_norm(ctx.module(source), s, table.norm_gain_offset)

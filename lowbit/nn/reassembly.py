@@ -6,7 +6,9 @@
 ``(c, c, 1)``. The quantized linear's weight has ``C'`` columns (split columns repeated, merged
 columns summed), so with no quantization ``x' W'^T`` equals ``x W^T`` up to the merged pairs'
 error ``(x_a - x_b)(w_a - w_b) / 2``. Stored: two int16 indices (int32 from 32768 channels) and a
-uint8 divisor per channel; run: two gathers and one fused multiply-add per token.
+uint8 divisor per channel; run: two gathers and one fused multiply-add per token. QLLM folds the
+divisors into what produces the input (the norm's gain, or ``up_proj``'s rows), which leaves them
+all 1: the layer then skips the scaling and only gathers and adds.
 """
 
 from __future__ import annotations
@@ -63,7 +65,10 @@ class ChannelReassembly(nn.Module):
         only the other entries are gathered; the values are the same either way.
         """
         changed, first, second, ca, cb = self._operands(x.dtype)
-        gathered = torch.addcmul(x.index_select(-1, first) * ca, x.index_select(-1, second), cb)
+        gathered = x.index_select(-1, first)
+        if ca is not None:
+            gathered = gathered * ca
+        gathered = gathered.addcmul_(x.index_select(-1, second), cb)
         if changed is None:
             return gathered
         width = self.out_features
@@ -75,7 +80,8 @@ class ChannelReassembly(nn.Module):
 
     def _operands(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
         """(positions to gather or None for all, their int32 indices and ``dtype``
-        coefficients), cached until a buffer changes."""
+        coefficients, the first's None when every divisor is 1), cached until a buffer
+        changes."""
         key = (dtype, self.first.device, *(t._version for t in (self.first, self.second,
                                                                  self.divisor)))
         cached = getattr(self, "_cached", None)
@@ -87,8 +93,9 @@ class ChannelReassembly(nn.Module):
             changed = torch.nonzero(~same).flatten()
             sel = changed if 2 * changed.numel() < self.out_features else None
             pick = (lambda t: t) if sel is None else (lambda t: t.index_select(0, sel))
+            unscaled = bool((self.divisor == 1).all())
             cached = (key, (sel, pick(self.first).int(), pick(self.second).int(),
-                            pick(ca).to(dtype), pick(cb).to(dtype)))
+                            None if unscaled else pick(ca).to(dtype), pick(cb).to(dtype)))
             self._cached = cached
         return cached[1]
 
