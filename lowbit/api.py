@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import platform
 import re
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from lowbit.eval.kld import kl_divergence
 from lowbit.eval.perplexity import perplexity
 from lowbit.eval.windows import eval_windows
 from lowbit.export import lowbit_format
+from lowbit.memory import process_peak_rss_mb
 from lowbit.models.arch import BlockTable, get_blocks, table_for
 from lowbit.models.bundled import BUNDLED, prepare
 
@@ -474,5 +474,5 @@ def evaluate(
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, MiB (:mod:`lowbit.memory`)."""
+    return process_peak_rss_mb()

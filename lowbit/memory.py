@@ -3,6 +3,9 @@
 ``reset_peak_rss()`` clears the kernel's high-water mark (``/proc/self/clear_refs``, value 5) so
 that ``peak_rss_mb()`` afterwards measures one phase (e.g. training) rather than the whole
 process; where that is not possible the peak covers the whole process so far.
+``process_peak_rss_mb()`` is the whole process's peak across such resets. Both read ``VmHWM``,
+which starts afresh at ``exec``; ``ru_maxrss`` (the fallback off Linux) carries the parent's
+peak into a child started from a large process.
 ``rss_bytes()`` and ``available_bytes()`` are what a run's pre-flight estimate starts from
 (:mod:`lowbit.engine.preflight`).
 """
@@ -14,13 +17,18 @@ import ctypes.util
 import resource
 from pathlib import Path
 
+_peak_before_reset_mb = 0.0  # the process's peak up to the last reset_peak_rss
+
 
 def reset_peak_rss() -> bool:
     """Start a new high-water mark; False when the kernel does not allow it."""
+    global _peak_before_reset_mb
+    before = peak_rss_mb()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
+    _peak_before_reset_mb = max(_peak_before_reset_mb, before)
     return True
 
 
@@ -33,6 +41,11 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def process_peak_rss_mb() -> float:
+    """Peak resident memory of this process since it started, resets included, MiB."""
+    return max(_peak_before_reset_mb, peak_rss_mb())
 
 
 def rss_bytes() -> int:
