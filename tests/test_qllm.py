@@ -260,12 +260,17 @@ def test_local_candidate_error_equals_whole_block_error(smollm2_2blocks):
         assert points.error(ctx, windows, i) == local
 
 
-@pytest.mark.parametrize("assemble", [True, False])
-def test_untouched_channels_stay_in_place_and_the_copy_path_is_exact(assemble):
+def _plan_at_a_third_of_channel_17(assemble: bool):
+    """(x [256, 48], its plan at theta = max|x_17| / 3): channels 5 and 17 split."""
     x = _outlier_input()
     w = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
     absmax = x.abs().amax(0)
-    plan = build_plan(x, absmax, w, float(absmax[17]) / 3, assemble=assemble)
+    return x, build_plan(x, absmax, w, float(absmax[17]) / 3, assemble=assemble)
+
+
+@pytest.mark.parametrize("assemble", [True, False])
+def test_untouched_channels_stay_in_place_and_the_copy_path_is_exact(assemble):
+    x, plan = _plan_at_a_third_of_channel_17(assemble)
     merged = plan.second != plan.first
     touched = set(plan.first[merged].tolist()) | set(plan.second[merged].tolist()) | {5, 17}
     for j in set(range(48)) - touched:
@@ -281,10 +286,7 @@ def test_untouched_channels_stay_in_place_and_the_copy_path_is_exact(assemble):
 
 @pytest.mark.parametrize("assemble", [True, False])
 def test_folded_divisors_leave_a_gather_with_the_same_output(assemble):
-    x = _outlier_input()
-    w = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
-    absmax = x.abs().amax(0)
-    plan = build_plan(x, absmax, w, float(absmax[17]) / 3, assemble=assemble)
+    x, plan = _plan_at_a_third_of_channel_17(assemble)
     d = plan.source_divisors(48)
     assert int(d[5]) > 1 and int(d[17]) > 1
     assert (d == 2).sum() == 2 * plan.merged and set(d.tolist()) <= {1, 2, int(d[5]), int(d[17])}
