@@ -347,3 +347,26 @@ def test_qllm_folds_divisors_into_the_norms_and_up_proj(model, assemble, request
     with torch.no_grad():
         a, b = folded.model(ids).logits, plain.model(ids).logits
     assert float((a - b).norm() / b.norm()) < 5e-4
+
+
+def test_folded_gemma_norms_stay_fp32_when_loaded_in_bf16(gemma3_2blocks, tmp_path):
+    """Gemma's gain is ``1 + w``: a fold by s stores ``(1 + w) / s - 1``, which bf16 cannot
+    hold (the small gain cancels), so a bf16 load keeps these norms in fp32."""
+    loaded = api.load_model(str(gemma3_2blocks))
+    result = api.quantize(loaded, "smoothquant", {"bits": 8, "abits": 8}, CALIB,
+                          progress=False)
+    norm = loaded.model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        norm.weight.copy_((1 + norm.weight) / 300 - 1)  # as a fold by 300 leaves it
+    folded = norm.weight.detach().clone()
+    assert float(((folded.bfloat16().float() - folded).abs() / (1 + folded)).max()) > 0.1
+    out = api.save_quantized(loaded, result, tmp_path / "sq")
+    bf16 = api.load_model(str(out), dtype=torch.bfloat16).model
+    for block in bf16.model.layers:
+        assert block.input_layernorm.weight.dtype == torch.float32
+        assert block.pre_feedforward_layernorm.weight.dtype == torch.float32
+    assert torch.equal(bf16.model.layers[0].input_layernorm.weight, folded)
+    assert bf16.model.layers[0].self_attn.q_norm.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(bf16(ids).logits).all()

@@ -31,7 +31,7 @@ from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError, write_error
 from lowbit.export import integrity
 from lowbit.export.safetensors_stream import StreamedSafetensors
-from lowbit.models.arch import set_submodule
+from lowbit.models.arch import TABLES, set_submodule
 from lowbit.nn.act_quant import SIMULATED
 from lowbit.nn.quant_linear import QuantLinear
 
@@ -239,6 +239,8 @@ def load_quantized(
     except RuntimeError as exc:
         raise _damaged(path / WEIGHTS, exc) from exc
     missing = [k for k in missing if not _is_quant_buffer(model, k)]
+    if dtype != torch.float32:
+        _offset_norms_in_fp32(model, config.model_type, tensors)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]
@@ -249,6 +251,24 @@ def load_quantized(
         )
     model.eval()
     return model, _read_tokenizer(path), manifest
+
+
+def _offset_norms_in_fp32(model: nn.Module, model_type: str, tensors: dict) -> None:
+    """Hold the block norms that multiply by ``offset + w`` (Gemma's ``1 + w``) in fp32.
+
+    SmoothQuant and QLLM fold divisors ``s`` into them as ``w' = (1 + w) / s - 1``; in bf16
+    that subtraction cancels (a gain ``1 + w'`` of 1e-3 rounds to 0). These norms compute in
+    fp32 and cast their output to the input's dtype, so an fp32 weight costs nothing else.
+    """
+    table = TABLES.get(model_type)
+    if table is None or table.norm_gain_offset == 0:
+        return
+    for i, block in enumerate(model.get_submodule(table.blocks)):
+        for norm, _linears in table.norm_feeds:
+            key = f"{table.blocks}.{i}.{norm}.weight"
+            if key in tensors:
+                block.get_submodule(norm).weight = nn.Parameter(tensors[key].float(),
+                                                                requires_grad=False)
 
 
 def _damaged(file: Path, exc: BaseException) -> LowbitError:
