@@ -5,6 +5,8 @@
 # first MAX_TOKENS tokens of austen-pp and brown, KLD on austen-pp. Group size 64 divides every
 # width of both bundled models. Activations are quantized in the evaluation (simulated on CPU).
 # Existing results are kept (re-running resumes). Results in results/zqfp/<model>/*.json.
+# ROWS=w8a16-int (INT8 weights, activations unquantized; not in the default rows) separates the
+# weight error from the activation error at W8A8.
 # Usage: [MAX_TOKENS=N] [ROWS="w4a8-int-int ..."] [LORC_RANKS="0 8"] benchmarks/zqfp.sh [MODEL ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,7 @@ EVAL=(--ppl austen-pp brown --max-tokens "${MAX_TOKENS:-16384}")
 declare -A ROW=(
   [w8a8-int-int]="--weight-format int8 --act-format int8"
   [w8a8-fp-fp]="--weight-format fp8_e4m3 --act-format fp8_e4m3"
+  [w8a16-int]="--weight-format int8 --act-format none"
   [w4a8-int-int]="--weight-format int4 --act-format int8"
   [w4a8-int-fp]="--weight-format int4 --act-format fp8_e4m3"
   [w4a8-fp-fp]="--weight-format fp4_e2m1 --act-format fp8_e4m3"
