@@ -342,9 +342,12 @@ def test_real_save_reload_exact_and_bits_equal_bytes(spqr_block0):
 
 def test_real_layers_fast_path_equals_reference(spqr_block0):
     loaded, _, _ = spqr_block0
-    x = torch.randn(2, 3, 576)
+    x = torch.randn(2, 3, 576, generator=torch.Generator().manual_seed(0))
     for name in ("model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj"):
         layer = loaded.model.get_submodule(name)
         ref = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
-        torch.testing.assert_close(spqr_cpu.spqr_linear(layer, x), ref, rtol=1e-5, atol=1e-5)
+        # fp32 sums of 576 products in another order: error relative to the outputs' scale
+        scale = float(ref.abs().max())
+        torch.testing.assert_close(spqr_cpu.spqr_linear(layer, x), ref, rtol=1e-5,
+                                   atol=1e-6 * scale)
 
