@@ -63,8 +63,7 @@ def main() -> None:
     labels = args.labels or [s or "-" for s in args.suffixes]
     head = ["setting"] + [f"{lab}: {c}" for lab in labels for c in ("ppl austen-pp", "ppl brown",
                                                                       "KLD")]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+    rows = []
     for row in args.rows:
         cells = [row]
         for suffix in args.suffixes:
@@ -72,7 +71,8 @@ def main() -> None:
             if row == "w16a16":
                 path = args.folder / "w16a16.json"
             cells += _cells(path)
-        print("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    _print_table(head, rows)
 
 
 def _print_changes(folder: Path, rows: list[str], suffixes: list[str]) -> None:
@@ -80,10 +80,15 @@ def _print_changes(folder: Path, rows: list[str], suffixes: list[str]) -> None:
         return folder / (f"{row}-{suffix}.json" if suffix else f"{row}.json")
 
     head = ["setting", "ppl austen-pp", "ppl brown", "KLD", "avg bits", "all three lower"]
+    _print_table(head, [_change_row(row, path(row, suffixes[0]), path(row, suffixes[1]))
+                        for row in rows])
+
+
+def _print_table(head: list[str], rows: list[list[str]]) -> None:
+    """A markdown table."""
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for row in rows:
-        cells = _change_row(row, path(row, suffixes[0]), path(row, suffixes[1]))
+    for cells in rows:
         print("| " + " | ".join(cells) + " |")
 
 

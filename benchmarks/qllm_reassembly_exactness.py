@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lowbit import api
+from lowbit.algorithms.qllm import reassembled_groups
 from lowbit.algorithms.reassembly import ReassembledLinear, build_plan, threshold_candidates
 from lowbit.algorithms.wa_quant import input_stats
 from lowbit.data.calibration import calibration_batch
@@ -37,7 +38,7 @@ def block_errors(ctx: BlockContext, assemble: bool) -> float:
     call = ctx.inputs.call_for(ctx.index, x)
     reference = block_output(ctx.block, x, call)
     originals = {}
-    groups = [g for g in ctx.table.sequential if g[0] in _reassembled(ctx.table)]
+    groups = [g for g in ctx.table.sequential if g[0] in reassembled_groups(ctx.table)]
     for group in groups:
         stats = input_stats(ctx, group[0], 2048)
         theta = threshold_candidates(stats.absmax, int(0.1 * stats.absmax.numel()), 2)[-1]
@@ -52,10 +53,6 @@ def block_errors(ctx: BlockContext, assemble: bool) -> float:
         for name, module in originals.items():
             ctx.replace(name, module)
     return float((out - reference).norm() / reference.norm())
-
-
-def _reassembled(table) -> set[str]:
-    return {linears[0] for _n, linears in table.norm_feeds} | {table.sequential[-1][0]}
 
 
 def main() -> None:

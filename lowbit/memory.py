@@ -32,14 +32,23 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory since the last reset (or process start), MiB."""
+def _proc_kib(file: str, field: str) -> int | None:
+    """The ``field:`` line of a ``/proc`` file such as ``/proc/self/status``, in KiB; None where
+    the file or the line is missing."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        for line in Path(file).read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last reset (or process start), MiB."""
+    hwm = _proc_kib("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -50,25 +59,14 @@ def process_peak_rss_mb() -> float:
 
 def rss_bytes() -> int:
     """Resident memory of this process now, bytes (0 where unknown)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return (_proc_kib("/proc/self/status", "VmRSS") or 0) * 1024
 
 
 def available_bytes() -> int | None:
     """Memory this process can still take, bytes: ``MemAvailable`` of ``/proc/meminfo``, lowered
     to what is left under a cgroup v2 limit when one is set; None where unknown."""
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    except OSError:
-        return None
+    kib = _proc_kib("/proc/meminfo", "MemAvailable")
+    available = None if kib is None else kib * 1024
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         used = int(Path("/sys/fs/cgroup/memory.current").read_text())

@@ -270,7 +270,7 @@ def _plan_at_a_third_of_channel_17(assemble: bool):
 
 @pytest.mark.parametrize("assemble", [True, False])
 def test_untouched_channels_stay_in_place_and_the_copy_path_is_exact(assemble):
-    x, plan = _plan_at_a_third_of_channel_17(assemble)
+    _, plan = _plan_at_a_third_of_channel_17(assemble)
     merged = plan.second != plan.first
     touched = set(plan.first[merged].tolist()) | set(plan.second[merged].tolist()) | {5, 17}
     for j in set(range(48)) - touched:

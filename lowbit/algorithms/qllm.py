@@ -110,7 +110,7 @@ class QLLMConfig(WAConfig):
             raise LowbitError(f"lr must be > 0, got {self.lr}")
 
 
-def _reassembled_groups(table) -> set[str]:
+def reassembled_groups(table) -> set[str]:
     """First linears of the groups whose input is reassembled: norm-fed groups and the last."""
     fed = {linears[0] for _norm, linears in table.norm_feeds}
     return fed | {table.sequential[-1][0]}
@@ -129,7 +129,7 @@ def apply_block(config: QLLMConfig, ctx) -> list[LayerReport]:
     names = [n for n in ctx.table.linear_names if not config.ignores(ctx.full_name(n))]
     windows = search_windows(ctx.hidden, config.search_windows)
     targets = ObservationPoints(ctx, windows)
-    reassembled = _reassembled_groups(ctx.table) if config.reassembly else set()
+    reassembled = reassembled_groups(ctx.table) if config.reassembly else set()
     reports: list[LayerReport] = []
     installed: dict[str, torch.Tensor] = {}  # fp32 weight each linear was rounded from
     for index, group in enumerate(ctx.table.sequential):
@@ -154,10 +154,10 @@ def _fold_divisors(config, ctx, group, plan, installed, reports) -> tuple[Plan, 
     ``group``, or the rows of the linear producing down's input. Returns the plan to install
     (gather only when folded) and the producer's name (None: kept in the gather)."""
     d = plan.source_divisors(ctx.module(group[0]).in_features).float()
-    norms = {linears: norm for norm, linears in ctx.table.norm_feeds}
-    if tuple(group) in norms:
-        fold_into_norm(ctx.module(norms[tuple(group)]), d, ctx.table.norm_gain_offset)
-        return plan.gather_only(), norms[tuple(group)]
+    norm = {linears: norm for norm, linears in ctx.table.norm_feeds}.get(group)
+    if norm is not None:
+        fold_into_norm(ctx.module(norm), d, ctx.table.norm_gain_offset)
+        return plan.gather_only(), norm
     producer = PRODUCERS.get(group[0]) if len(group) == 1 else None
     if producer is None:
         return plan, None

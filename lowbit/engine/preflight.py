@@ -97,15 +97,13 @@ class Estimate:
     def describe(self) -> str:
         """Two lines for people: peak memory by part against what is available, disk likewise."""
         mode = "streamed" if self.stream else "whole model in memory"
-        parts = ", ".join(f"{name} {_size(n)}" for name, n in self.memory.items())
         avail = "unknown" if self.available is None else _size(self.available)
         free = "unknown" if self.disk_free is None else _size(self.disk_free)
-        disk = ", ".join(f"{name} {_size(n)}" for name, n in self.disk.items())
         return (
             f"pre-flight ({mode}): peak memory ~{_size(self.peak)} = {_size(self.process)} "
-            f"already resident + {parts}; {avail} available\n"
-            f"pre-flight: disk ~{_size(sum(self.disk.values()))} ({disk}); {free} free at "
-            f"{self.where}"
+            f"already resident + {_listing(self.memory)}; {avail} available\n"
+            f"pre-flight: disk ~{_size(sum(self.disk.values()))} ({_listing(self.disk)}); "
+            f"{free} free at {self.where}"
         )
 
     def check(self) -> None:
@@ -130,11 +128,10 @@ class Estimate:
             f"{_size(self.activations)})"
         )
         fixes.append("free memory, or pass --no-preflight to run anyway")
-        parts = ", ".join(f"{name} {_size(n)}" for name, n in self.memory.items())
         return (
             f"not enough memory: this run needs about {_size(self.need)} more than the "
-            f"{_size(self.process)} resident now ({parts}) but {_size(self.available or 0)} "
-            f"is available; {'; '.join(fixes)}"
+            f"{_size(self.process)} resident now ({_listing(self.memory)}) but "
+            f"{_size(self.available or 0)} is available; {'; '.join(fixes)}"
         )
 
 
@@ -205,12 +202,12 @@ class _ModelSizes:
     def of(cls, index: WeightIndex, table: BlockTable, dtype: torch.dtype, bits: float):
         per_block: dict[int, list[str]] = {}
         rest = []
-        depth = len(table.blocks.split("."))
         for name in index.specs:
-            if name.startswith(f"{table.blocks}."):
-                per_block.setdefault(int(name.split(".")[depth]), []).append(name)
-            else:
+            block = table.block_of(name)
+            if block is None:
                 rest.append(name)
+            else:
+                per_block.setdefault(block, []).append(name)
         if not per_block:
             raise LowbitError(
                 f"{index.folder} has no weights under {table.blocks}; it does not match its "
@@ -236,6 +233,11 @@ def _existing_parent(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path if path.is_dir() else path.parent
+
+
+def _listing(parts: dict[str, int]) -> str:
+    """``name size, name size, ...`` of a parts dict."""
+    return ", ".join(f"{name} {_size(n)}" for name, n in parts.items())
 
 
 def _size(n: int) -> str:

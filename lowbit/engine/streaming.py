@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,10 +59,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def nbytes(self, as_dtype: torch.dtype | None = None) -> int:
         """Bytes in memory: in the file's dtype, or ``as_dtype`` for floating tensors (loading
@@ -178,7 +176,7 @@ class BlockStream:
         return f"{self.table.blocks}.{index}."
 
     def _in_blocks(self, name: str) -> bool:
-        return name.startswith(f"{self.table.blocks}.")
+        return self.table.block_of(name) is not None
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Tensors under their model names, floating ones cast to the model's dtype."""
@@ -238,7 +236,7 @@ class BlockStream:
         digest = hashlib.sha256()
         bad: dict[str, torch.Tensor] = {}  # by name in the files
         state = self.model.state_dict()
-        for group in _owner_runs(self._distinct, self.table.blocks):
+        for group in _owner_runs(self._distinct, self.table):
             tensors = self._read(group) if self._in_blocks(group[0]) else state
             for name in group:
                 if nonfinite_error(name, tensors[name]) is not None:
@@ -272,12 +270,12 @@ def _sources(
     return sources, sorted(min(names) for names in groups.values())
 
 
-def _owner_runs(names: list[str], blocks: str) -> Iterator[list[str]]:
+def _owner_runs(names: list[str], table: BlockTable) -> Iterator[list[str]]:
     """Consecutive runs of ``names`` with the same owner (one decoder block, or the rest)."""
     run: list[str] = []
     owner = None
     for name in names:
-        key = name.split(".")[len(blocks.split("."))] if name.startswith(f"{blocks}.") else None
+        key = table.block_of(name)
         if run and key != owner:
             yield run
             run = []

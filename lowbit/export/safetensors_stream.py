@@ -12,6 +12,7 @@ and dtypes with no data), the header is its compact JSON padded with spaces to 8
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -83,20 +84,13 @@ class StreamedSafetensors:
                 header[name] = entry
                 continue
             dtype, shape = self._specs[name]
-            size = dtype.itemsize * _numel(shape)
+            size = dtype.itemsize * math.prod(shape)
             header[name] = {"dtype": entry["dtype"], "shape": list(shape),
                             "data_offsets": [offset, offset + size]}
             self._offsets[name] = (offset, offset + size)
             offset += size
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         return text + b" " * (-len(text) % 8)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _bytes(t: torch.Tensor) -> memoryview:

@@ -44,6 +44,13 @@ class BlockTable:
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for group in self.sequential for name in group)
 
+    def block_of(self, name: str) -> int | None:
+        """The decoder block a dotted model name lies in (``model.layers.3.mlp.up_proj.weight``:
+        3), or None outside the blocks."""
+        if not name.startswith(f"{self.blocks}."):
+            return None
+        return int(name[len(self.blocks) + 1 :].split(".", 1)[0])
+
 
 _LLAMA = BlockTable(
     blocks="model.layers",
