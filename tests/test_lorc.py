@@ -8,6 +8,7 @@ from test_zqfp import _one_torch_thread  # noqa: F401  (one torch thread here to
 
 from lowbit import api
 from lowbit.algorithms.lorc import lorc, lorc_factors
+from lowbit.data.corpora import load_text
 from lowbit.formats.bits import bits_per_weight, block_parts, lowrank_parts
 from lowbit.formats.blockscale import BlockScaledConfig
 from lowbit.formats.packed_block import PackedBlockWeight
@@ -68,10 +69,13 @@ def test_bits_include_lowrank_factors_at_4096_rank_8():
     assert with_lorc.bits_per_weight() == pytest.approx(bits_per_weight(rows * cols, parts))
 
 
+LORC_RANK = 32  # rank 8 lowers this 2-block model's KLD by only 11-12%: too close to call
+
+
 @pytest.fixture(scope="module")
 def lorc_model(smollm2_2blocks):
     loaded = api.load_model(str(smollm2_2blocks))
-    cfg = {"group_size": 64, "scale_constraint": "m2", "lorc_rank": 8}
+    cfg = {"group_size": 64, "scale_constraint": "m2", "lorc_rank": LORC_RANK}
     result = api.quantize(loaded, "zqfp", cfg, CALIB, progress=False)
     return loaded, result
 
@@ -85,13 +89,18 @@ def test_lorc_lowers_weight_and_output_error_on_real_block(lorc_model):
 
 
 def test_lorc_lowers_model_output_error(lorc_model, smollm2_2blocks):
+    """KL divergence to the base on 8 x 256 held-out Brown tokens, the same quantized model with
+    and without its LoRC factors (removing them in place keeps GPTQ's roundings fixed).
+
+    Measured ratios (with / without) 0.714 at one thread and 0.732 at two; a 25-token sentence,
+    the earlier setting, swung by 40% between thread counts (GPTQ turns float-order differences
+    into other roundings) and LoRC lost there at one thread (0.0236 vs 0.0229). The bound 0.85
+    leaves six times the thread-count spread.
+    """
     loaded, _ = lorc_model
     base = api.load_model(str(smollm2_2blocks))
-    ids = loaded.tokenizer(
-        "It is a truth universally acknowledged, that a single man in "
-        "possession of a good fortune, must be in want of a wife.",
-        return_tensors="pt",
-    ).input_ids
+    text = load_text("brown")[:40000]
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids[:, : 8 * 256].reshape(8, 256)
     layers = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
     with torch.inference_mode():
         ref = base.model(ids).logits.log_softmax(-1)
@@ -108,4 +117,4 @@ def test_lorc_lowers_model_output_error(lorc_model, smollm2_2blocks):
     def kld(logp):
         return float((ref.exp() * (ref - logp)).sum(-1).mean())
 
-    assert kld(with_lorc) < kld(without)
+    assert kld(with_lorc) < 0.85 * kld(without), (kld(with_lorc), kld(without))
