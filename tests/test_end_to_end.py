@@ -70,7 +70,7 @@ def test_gptq_beats_rtn_on_real_block(smollm2_2blocks):
         loaded = api.load_model(str(smollm2_2blocks))
         result = api.quantize(loaded, method, {"bits": 3, "group_size": 64}, CALIB, progress=False)
         errs[method] = sum(r.hessian_rel_err for r in result.layers)
-    assert errs["gptq"] < errs["rtn"]
+    assert errs["gptq"] < 0.5 * errs["rtn"]  # measured 0.125 at 1 and 2 threads
 
 
 def test_reload_rejects_tampered_manifest(smollm2_2blocks, tmp_path):

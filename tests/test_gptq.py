@@ -38,7 +38,7 @@ def test_gptq_output_error_below_rtn(bits, group_size, symmetric, act_order, sta
     rtn = PackedIntWeight.from_codes(codes, scales, zeros, grid).dequantize()
     _, err_gptq = relative_errors(w, _dequant(res, grid), h)
     _, err_rtn = relative_errors(w, rtn, h)
-    assert err_gptq < err_rtn
+    assert err_gptq < 0.75 * err_rtn  # measured at most 0.516 (2-bit g32), 1 and 2 threads
     assert (res.perm is not None) == (act_order and not static)
 
 
@@ -50,7 +50,7 @@ def test_ragged_last_group_and_block_boundaries():
     q = _dequant(res, grid)
     codes, scales, zeros = rtn_quantize(w, grid)
     rtn = PackedIntWeight.from_codes(codes, scales, zeros, grid).dequantize()
-    assert relative_errors(w, q, h)[1] < relative_errors(w, rtn, h)[1]
+    assert relative_errors(w, q, h)[1] < 0.5 * relative_errors(w, rtn, h)[1]  # measured 0.26
 
 
 def test_dead_columns_are_zeroed():

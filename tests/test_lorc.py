@@ -84,8 +84,9 @@ def test_lorc_lowers_weight_and_output_error_on_real_block(lorc_model):
     _, result = lorc_model
     assert len(result.layers) == 14
     for r in result.layers:
-        assert r.weight_rel_err < r.extra["weight_rel_err_before_lorc"], r.name
-        assert r.hessian_rel_err < r.extra["hessian_rel_err_before_lorc"], r.name
+        # measured at most 0.855 (weight) and 0.953 (Hessian-weighted), 1 and 2 threads alike
+        assert r.weight_rel_err < 0.9 * r.extra["weight_rel_err_before_lorc"], r.name
+        assert r.hessian_rel_err < 0.98 * r.extra["hessian_rel_err_before_lorc"], r.name
 
 
 def test_lorc_lowers_model_output_error(lorc_model, smollm2_2blocks):

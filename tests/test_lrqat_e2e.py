@@ -50,7 +50,7 @@ def test_training_lowers_the_loss_and_reloads_exactly(smollm2_2blocks, tmp_path)
     loaded = api.load_model(str(smollm2_2blocks))
     result = api.quantize(loaded, "lrqat", {**cfg, "steps": 8}, CALIB, progress=False)
     held_out = calibration_batch(loaded.tokenizer, load_text("austen-pp")[:20000], 4, 64, 0)
-    assert _loss(loaded, held_out) < _loss(before, held_out)
+    assert _loss(loaded, held_out) < 0.9 * _loss(before, held_out)  # measured 0.739
     facts = result.extra["training"]
     assert facts["mode"] == "lrqat" and len(facts["losses"]) == 8
     assert facts["tokens"] == 8 * 2 * 48 and facts["sec_per_step"] > 0

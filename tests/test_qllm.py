@@ -197,7 +197,8 @@ def test_qllm_reassembles_corrects_and_reloads_exactly(qllm_saved):
     extra = result.layers[0].extra
     assert extra["activations"] == "int4 asymmetric per-token, simulated"
     assert extra["correction_blocks"] == [0, 1] and extra["correction_steps"] == 8
-    assert extra["correction_loss_after_merge"] < extra["correction_loss_before"]
+    # measured 0.9549 at 1 and 2 threads (identical to 1e-7): the margin is 300x that spread
+    assert extra["correction_loss_after_merge"] < 0.99 * extra["correction_loss_before"]
     assert any(r.extra["extra_channels"] > 0 for r in result.layers)
     assert not any(hasattr(m, "source_weight") for m in loaded.model.modules())
     reloaded = api.load_model(str(out))

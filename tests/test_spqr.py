@@ -83,8 +83,8 @@ def test_both_outlier_stages_help():
     simplified, extra = _spqr(w, h, simplified_outliers=True)
     none, extra_none = _spqr(w, h, outlier_threshold=math.inf)
     assert extra["loo_excluded"] == 0 and extra_none["outliers"] == 0
-    assert full <= relative_errors(w, simplified.dequantize(), h)[1]
-    assert full < relative_errors(w, none.dequantize(), h)[1]
+    assert full < 0.85 * relative_errors(w, simplified.dequantize(), h)[1]  # measured 0.69
+    assert full < 0.5 * relative_errors(w, none.dequantize(), h)[1]  # measured 0.28
 
 
 def test_leave_one_out_gain_matches_brute_force():

@@ -80,7 +80,7 @@ def test_fp_gptq_output_error_below_fp_rtn(elem, constraint, act_order, static):
     q, _ = gptq_quantize_blocks(w, h, cfg, 0.01, act_order, static, block_size=32)
     _, err_gptq = relative_errors(w, q.dequantize(), h)
     _, err_rtn = relative_errors(w, quantize_blocks(w, cfg).dequantize(), h)
-    assert err_gptq < err_rtn
+    assert err_gptq < 0.5 * err_rtn  # measured at most 0.302 (fp4 m2, act-order)
 
 
 def test_block_gptq_refuses_act_order_with_dynamic_groups():
