@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lowbit-setup-done
 MODEL ?= smollm2-135m
 
-.PHONY: setup demo test test-slow lint clean
+.PHONY: setup demo test test-slow test-shuffled lint clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,14 @@ demo: setup
 	$(BIN)/python scripts/demo.py --model $(MODEL)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# the default suite in a random module and test order at one and at two threads (issue 17's
+# independence check); SEED=N repeats an order
+SEED ?= $(shell date +%s)
+test-shuffled: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --random-order-bucket=global --random-order-seed=$(SEED)
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --random-order-bucket=global --random-order-seed=$(SEED)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
