@@ -28,7 +28,7 @@ for m in ${*:-smollm2-135m gemma3-270m}; do
   run "$m" rtn-w4-g32 --method rtn --bits 4 -g 32 --sym
   # 3-bit codes with more outliers, still under 4 bits
   run "$m" spqr-w3-t045-d001 --method spqr --bits 3 --outlier-threshold 0.45 --percdamp 0.01
-  # the METHODS.md defaults (tau 0.2, percdamp 1.0)
+  # the defaults of docs/METHODS.md (tau 0.2, percdamp 1.0)
   run "$m" spqr-w3 --method spqr --bits 3
   run "$m" spqr-w4 --method spqr --bits 4
 done

@@ -17,7 +17,7 @@ from lowbit.nn.quant_linear import QuantLinear
 CALIB = api.CalibSpec(nsamples=8, seqlen=128, batch_size=4)
 
 
-def _ppl(loaded, max_tokens=2048):
+def _ppl(loaded, max_tokens):
     text = load_text("austen-pp")
     windows = eval_windows(loaded.tokenizer, text, 256, max_tokens, loaded.add_bos)
     return perplexity(loaded.model, windows, progress=False).ppl
@@ -35,7 +35,8 @@ def test_gptq_save_reload_is_exact(fixture, request, tmp_path):
     out = api.save_quantized(loaded, result, tmp_path / "q")
     reloaded = api.load_model(str(out))
     assert reloaded.manifest["method"] == "gptq"
-    assert _ppl(reloaded) == _ppl(loaded)  # same float result, not approximately
+    # same float result, not approximately; two windows (Gemma's 262k-word head is costly)
+    assert _ppl(reloaded, 512) == _ppl(loaded, 512)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.inference_mode():
         assert torch.equal(loaded.model(ids).logits, reloaded.model(ids).logits)
