@@ -34,7 +34,8 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -399,7 +400,7 @@ def load_tasks(manager: Any, task_names: Sequence[str]) -> list[Any]:
     Never downloads: the Hugging Face hub and ``datasets`` are forced offline for the call.
     """
     built: list[Any] = []
-    with _offline():
+    with _offline(), _no_dataset_progress_bars():
         for name in task_names:
             if name not in manager.all_tasks:
                 close = difflib.get_close_matches(name, manager.all_tasks, n=3)
@@ -527,6 +528,25 @@ def _number(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value) if math.isfinite(value) else None
     return None
+
+
+@contextmanager
+def _no_dataset_progress_bars() -> Iterator[None]:
+    """Silence ``datasets``' own bars ("Generating test split") while tasks are built: the first
+    build of a local task's data printed one on stderr ahead of any one-line error, so the
+    error's shape depended on whether an earlier call had built the data already."""
+    try:
+        import datasets
+    except ImportError:
+        yield
+        return
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 class _offline:
