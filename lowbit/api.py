@@ -168,7 +168,7 @@ def quantize(
         config = build_config(method, config)
     registered = get_method(method)
     _check_streamable(loaded, registered, workdir)
-    _check_widths(loaded, config)
+    _check_shapes(loaded, config)
     weights_sha256 = _check_weights(loaded)
     text = load_text(calib.corpus)
 
@@ -353,9 +353,13 @@ def _model_context(loaded, calib, calib_ids, workdir, resume, progress) -> Model
     return ModelContext(loaded.model, loaded.table, loaded.add_bos, ptq, windows, store, progress)
 
 
-def _check_widths(loaded: LoadedModel, config: MethodConfig) -> None:
+def _check_shapes(loaded: LoadedModel, config: MethodConfig) -> None:
+    """Settings the model's layer shapes rule out, before any calibration: a group size that
+    does not divide a width (``config.check_width``), a rank above a layer's smaller side
+    (``config.check_shapes``)."""
     check = getattr(config, "check_width", None)
-    if check is None:
+    check_shapes = getattr(config, "check_shapes", None)
+    if check is None and check_shapes is None:
         return
     blocks = get_blocks(loaded.model, loaded.table)
     linears = {
@@ -363,9 +367,12 @@ def _check_widths(loaded: LoadedModel, config: MethodConfig) -> None:
         for i, block in enumerate(blocks)
         for n in loaded.table.linear_names
     }
-    widths = sorted({m.in_features for m in linears.values()})
-    for name, module in linears.items():
-        check(name, module.in_features, widths)
+    if check is not None:
+        widths = sorted({m.in_features for m in linears.values()})
+        for name, module in linears.items():
+            check(name, module.in_features, widths)
+    if check_shapes is not None:
+        check_shapes({name: (m.out_features, m.in_features) for name, m in linears.items()})
 
 
 def average_bits(model: nn.Module) -> float:

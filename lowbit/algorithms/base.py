@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -51,7 +52,39 @@ class MethodConfig:
                     f"unknown key '{key}' for method '{cls.method}'; known keys: "
                     f"{', '.join(sorted(known))}"
                 )
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _typed(cls.method, k, v, hints[k]) for k, v in data.items()})
+
+
+def _typed(method: str, key: str, value: Any, kind: Any) -> Any:
+    """``value`` of setting ``key`` as the field's type ``kind``, or a LowbitError naming the
+    key and the type (a recipe's ``bits: four`` or ``ignore: "*.x"`` would otherwise fail deep
+    in validation, or silently: a string iterates as one pattern per character)."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-2 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif kind is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(kind) is tuple:
+        ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = True
+    if ok:
+        return value
+    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        kind, "a list of glob patterns, e.g. ['*.mlp.down_proj']"
+    )
+    flag = "--" + key.replace("_", "-")
+    raise LowbitError(f"{key} ({flag}) of method '{method}' must be {want}, got {value!r}")
 
 
 @dataclass

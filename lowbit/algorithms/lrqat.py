@@ -17,6 +17,7 @@ training, after the authors' code (``lr_qat_fixed_point8``), plus a full-QAT bas
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,8 @@ from torch import nn
 
 from lowbit.algorithms.base import LayerReport, register_model
 from lowbit.algorithms.lrqat_train import RESUME_NEUTRAL, start_fingerprint, train
-from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.algorithms.weight_config import IntWeightConfig, check_rank
+from lowbit.data.calibration import check_seed
 from lowbit.errors import LowbitError
 from lowbit.formats.intq import IntGrid, expand_groups
 from lowbit.formats.packed_int import PackedIntWeight
@@ -119,20 +121,31 @@ class LRQATConfig(IntWeightConfig):
             )
         if self.init not in INITS:
             raise LowbitError(f"unknown --init '{self.init}'; choose one of {', '.join(INITS)}")
-        _check(self.rank >= 1 and self.alpha > 0, "--rank must be >= 1 and --alpha > 0")
-        _check(self.lp_norm > 0, "--lp-norm must be > 0")
+        _check(self.rank >= 1, f"--rank must be >= 1, got {self.rank}")
+        _check(self.alpha > 0 and math.isfinite(self.alpha),
+               f"--alpha must be a finite number > 0, got {self.alpha}")
+        _check(self.lp_norm > 0 and math.isfinite(self.lp_norm),
+               f"--lp-norm must be a finite number > 0, got {self.lp_norm}")
         _check(self.lp_candidates >= 1, "--lp-candidates must be >= 1")
         _check(self.steps >= 0, "--steps must be >= 0")
-        lrs_ok = min(self.lr, self.scale_lr, self.weight_lr) >= 0
-        _check(lrs_ok, "--lr, --scale-lr and --weight-lr must be >= 0")
+        for flag, lr in (("--lr", self.lr), ("--scale-lr", self.scale_lr),
+                         ("--weight-lr", self.weight_lr)):  # NaN-safe: min() would skip a NaN
+            _check(lr >= 0 and math.isfinite(lr), f"{flag} must be a finite number >= 0, got {lr}")
         _check(0 <= self.warmup_ratio <= 1, "--warmup-ratio must be in [0, 1]")
         _check(0 <= self.adam_beta2 < 1, "--adam-beta2 must be in [0, 1)")
-        _check(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        _check(self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+               f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         _check(self.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0: no clipping)")
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
         _check(self.train_seqlen >= 2, "--train-seqlen must be >= 2")
         _check(self.checkpoint_every >= 0, "--checkpoint-every must be >= 0")
         _check(self.train_dtype in ("bf16", "fp32"), "--train-dtype must be bf16 or fp32")
+        check_seed(self.train_seed, "--train-seed")
+
+    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """The low-rank matrices A, B: rank at most min(rows, columns) of every trained layer."""
+        if not self.full_qat:
+            check_rank(self, "--rank", self.rank, shapes)
 
     def ptq_settings(self) -> dict[str, Any]:
         """Settings of the PTQ run of ``init`` on this grid (GPTQ with static groups, so its
@@ -256,15 +269,17 @@ def _initial_scales(layers: dict[str, FakeQuantLinear]) -> dict[str, torch.Tenso
 def apply_model(config: LRQATConfig, ctx) -> tuple[list[LayerReport], dict[str, Any]]:
     """Initialise, train and merge; ``ctx`` is a
     :class:`~lowbit.engine.model_context.ModelContext`."""
+    batches = None
+    if config.steps > 0:  # drawn first: a missing corpus or windows that cannot fit fail at once
+        n = config.steps * config.batch_size
+        batches, sha = ctx.windows(config.train_corpus, n, config.train_seqlen, config.train_seed)
     ptq_reports = ctx.ptq(config.init, config.ptq_settings()) if config.init != "lp" else []
     layers = attach(ctx.model, ctx.blocks, ctx.table, config)
     if not layers:
         raise LowbitError("every linear is ignored; nothing to train (check --ignore)")
     initial = _initial_scales(layers)
     facts: dict[str, Any] = {"mode": "full_qat" if config.full_qat else "lrqat", "steps": 0}
-    if config.steps > 0:
-        n = config.steps * config.batch_size
-        batches, sha = ctx.windows(config.train_corpus, n, config.train_seqlen, config.train_seed)
+    if batches is not None:
         meta = {
             "config": config.resume_key(),
             "data_sha256": sha,

@@ -28,6 +28,7 @@ re-quantizes. With both ``reassembly`` and ``correction`` off this is the RTN W/
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ from lowbit.algorithms.wa_quant import (
     quantized_linear,
     search_windows,
 )
+from lowbit.algorithms.weight_config import check_rank
 from lowbit.errors import LowbitError
 from lowbit.nn.act_quant import ActQuantizer
 from lowbit.nn.quant_linear import QuantLinear
@@ -106,8 +108,15 @@ class QLLMConfig(WAConfig):
         for name in ("search_steps", "group_blocks", "rank", "epochs", "micro_batch"):
             if getattr(self, name) < 1:
                 raise LowbitError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise LowbitError(f"lr must be > 0, got {self.lr}")
+        for name in ("lr", "alpha"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise LowbitError(f"{name} must be a finite number > 0, got {value}")
+
+    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """The correction's low-rank terms: rank at most min(rows, columns) of every layer."""
+        if self.correction:
+            check_rank(self, "--rank", self.rank, shapes)
 
 
 def reassembled_groups(table) -> set[str]:

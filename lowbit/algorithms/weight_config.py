@@ -54,6 +54,30 @@ class IntWeightConfig(MethodConfig):
         )
 
 
+    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """LowbitError for a setting that the shapes ``(out_features, in_features)`` of the
+        model's block linears rule out (a method with a rank checks it with
+        :func:`check_rank`); nothing to check here."""
+
+
+def check_rank(
+    config: IntWeightConfig, flag: str, rank: int, shapes: dict[str, tuple[int, int]]
+) -> None:
+    """LowbitError when ``rank`` exceeds min(rows, columns) of a linear ``config`` quantizes:
+    no rank-``rank`` factorization of that layer exists (LoRC's SVD), or its factors would add
+    parameters without adding rank (trained low-rank terms)."""
+    quantized = {n: s for n, s in shapes.items() if not config.ignores(n)}
+    if not quantized:
+        return
+    name, (rows, cols) = min(quantized.items(), key=lambda item: min(item[1]))
+    most = min(rows, cols)
+    if rank > most:
+        raise LowbitError(
+            f"{flag} {rank} is above min(rows, columns) = {most} of {name} ({rows} x {cols}); "
+            f"a rank above it does not exist for that layer: choose {flag} between 1 and {most}"
+        )
+
+
 def _common_divisors(widths: list[int]) -> str:
     from math import gcd
 

@@ -24,6 +24,7 @@ from lowbit.algorithms.base import LayerReport, register
 from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize_blocks, gptq_solve
 from lowbit.algorithms.linearwise import Solution, relative_errors, timed_solve
 from lowbit.algorithms.lorc import lorc
+from lowbit.algorithms.weight_config import check_rank
 from lowbit.errors import LowbitError
 from lowbit.formats.blockscale import BlockScaledConfig
 from lowbit.formats.element import get_format
@@ -77,7 +78,7 @@ class ZQFPConfig(GPTQConfig):
             try:
                 check_act_format(self.act_format)
             except ValueError as exc:
-                raise LowbitError(f"{exc}, or none") from None
+                raise LowbitError(f"--act-format: {exc}, or none") from None
         act_bits = 16 if self.act_format == "none" else get_format(self.act_format).bits
         _derive(self, "abits", act_bits, f"activation format {self.act_format}")
         super().__post_init__()
@@ -116,6 +117,11 @@ class ZQFPConfig(GPTQConfig):
                 "--static-groups, or use --no-act-order for dynamic groups"
             )
 
+    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """LoRC's rank must exist for every quantized linear: at most min(rows, columns)."""
+        if self.lorc_rank:
+            check_rank(self, "--lorc-rank", self.lorc_rank, shapes)
+
     @property
     def block_config(self) -> BlockScaledConfig | None:
         """The block-scaled format of FP weights (``None`` for integer weights)."""
@@ -137,7 +143,7 @@ def _weight_format(name: str) -> FloatFormat | IntFormat:
     try:
         fmt = get_format(name)
     except ValueError as exc:
-        raise LowbitError(str(exc)) from None
+        raise LowbitError(f"--weight-format: {exc}") from None
     if not isinstance(fmt, FloatFormat | IntFormat) or fmt.min >= 0 or fmt.bits < 2:
         raise LowbitError(
             f"weight format '{name}' must be a signed FP or integer format "
@@ -211,7 +217,10 @@ def _quantize_group(config: ZQFPConfig, ctx, names: list[str]) -> list[LayerRepo
         lowrank = None
         if config.lorc_rank:
             w_q = solution.stored.dequantize()
-            lowrank = lorc(linear.weight, w_q, config.lorc_rank)
+            try:
+                lowrank = lorc(linear.weight, w_q, config.lorc_rank)
+            except ValueError as exc:  # checked up front (check_shapes); a direct caller may not
+                raise LowbitError(f"{ctx.full_name(name)}: {exc}; lower --lorc-rank") from None
             before = relative_errors(linear.weight, w_q, h)
             extra["weight_rel_err_before_lorc"], extra["hessian_rel_err_before_lorc"] = before
         quant = QuantLinear(solution.stored, linear.bias, act, lowrank)

@@ -14,6 +14,7 @@ import yaml
 from lowbit import api
 from lowbit.cli.method_flags import method_settings
 from lowbit.cli.table import render
+from lowbit.data.calibration import check_seed
 from lowbit.engine import distributed
 from lowbit.engine.resume import discard_checkpoints
 from lowbit.errors import LowbitError
@@ -79,6 +80,7 @@ def quantize(args: argparse.Namespace) -> int:
     from lowbit.export.lowbit_format import check_output_dir
 
     check_output_dir(args.out)
+    _check_run_flags(args)
     api.get_method(args.method)
     settings = _read_recipe(args.recipe, args.method)
     for key in ("bits", "group_size", "symmetric"):
@@ -136,6 +138,27 @@ def quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """Calibration and evaluation flags out of range, before anything is loaded (the library
+    checks them too, but only once the model and the text are read)."""
+    if args.nsamples < 1:
+        raise LowbitError(f"--nsamples must be at least 1, got {args.nsamples}")
+    if args.seqlen < 1:
+        raise LowbitError(f"--seqlen must be at least 1, got {args.seqlen}")
+    check_seed(args.seed, "--seed")
+    if args.ppl or args.kld:
+        _check_eval_flags(args, "--eval-seqlen")
+
+
+def _check_eval_flags(args: argparse.Namespace, seqlen_flag: str) -> None:
+    if args.eval_seqlen < 2:
+        raise LowbitError(
+            f"{seqlen_flag} must be at least 2 to predict any token, got {args.eval_seqlen}"
+        )
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise LowbitError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+
+
 def _preflight(args: argparse.Namespace, config, calib, main_process: bool):
     """Print the run's memory and disk estimate and refuse a run that cannot fit, before the
     model is loaded (stdout: stderr stays one line when the run fails); the estimate, or None
@@ -180,6 +203,7 @@ def _layer_table(layers: list, per_block: bool) -> str:
 def evaluate(args: argparse.Namespace) -> int:
     from lowbit.cli import report as lm_eval_report
 
+    _check_eval_flags(args, "--seqlen")
     tasks = lm_eval_report.prepare(args) if args.tasks else None
     ppl = args.ppl
     if tasks is not None and args.ppl is getattr(args, "ppl_default", None):

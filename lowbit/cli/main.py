@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from lowbit.errors import LowbitError
@@ -60,14 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the memory and disk estimate but run even when it does not fit",
     )
-    _add_eval_flags(p, default_ppl=[])
+    _add_eval_flags(p, default_ppl=[], seqlen_flags=("--eval-seqlen",))
     add_method_flags(p)
     p.set_defaults(func=commands.quantize)
 
     p = sub.add_parser("eval", help="perplexity, KL divergence and lm-eval tasks of a model")
     p.add_argument("model", help="bundled name, local HF folder or lowbit DIR")
     eval_ppl_default = ["austen-pp"]
-    _add_eval_flags(p, default_ppl=eval_ppl_default)
+    _add_eval_flags(p, default_ppl=eval_ppl_default, seqlen_flags=("--seqlen", "--eval-seqlen"))
     p.add_argument("--base", help="model to measure KLD against (default: the DIR's source)")
     add_task_flags(p)
     p.add_argument("--json", metavar="FILE", help="write results as JSON")
@@ -107,7 +108,12 @@ def _add_calib_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
 
 
-def _add_eval_flags(p: argparse.ArgumentParser, default_ppl: list[str]) -> None:
+def _add_eval_flags(
+    p: argparse.ArgumentParser, default_ppl: list[str], seqlen_flags: tuple[str, ...]
+) -> None:
+    """``seqlen_flags``: the evaluation window's flags (``eval``: ``--seqlen``, with
+    ``--eval-seqlen`` as an alias; ``quantize``, whose ``--seqlen`` is the calibration
+    window: ``--eval-seqlen``)."""
     p.add_argument(
         "--ppl",
         nargs="*",
@@ -116,7 +122,14 @@ def _add_eval_flags(p: argparse.ArgumentParser, default_ppl: list[str]) -> None:
         help=f"perplexity corpora (default: {' '.join(default_ppl) or 'none'})",
     )
     p.add_argument("--kld", action="store_true", help="KL divergence to the base model")
-    p.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window (default 512)")
+    p.add_argument(
+        *seqlen_flags,
+        dest="eval_seqlen",
+        type=int,
+        default=512,
+        metavar="L",
+        help="evaluation window in tokens (default 512)",
+    )
     p.add_argument("--max-tokens", type=int, help="cap on evaluation tokens per corpus")
 
 
@@ -133,9 +146,30 @@ def main(argv: list[str] | None = None) -> int:
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        message = _out_of_memory(exc)
+        if message is None:
+            raise
+        print(f"lowbit: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(exc: BaseException) -> str | None:
+    """The one-line error for a failed allocation (a setting sized the run beyond this
+    machine: ``--batch-size 1000000``), or None for any other error (a bug: traceback)."""
+    text = str(exc)
+    oom = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+    if not (oom or "can't allocate memory" in text):
+        return None
+    tried = re.search(r"tried to allocate (\d+) bytes", text)
+    size = f" (an allocation of {int(tried.group(1)) / 2**30:.1f} GiB failed)" if tried else ""
+    return (
+        f"out of memory{size}; lower the settings that size the run (--nsamples, --seqlen, "
+        "--batch-size, --train-seqlen, --group-blocks, ...), add --stream, or free memory"
+    )
 
 
 def _quiet_transformers() -> None:

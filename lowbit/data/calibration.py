@@ -15,6 +15,15 @@ import torch
 from lowbit.data.corpora import load_text, text_sha256
 from lowbit.data.tokens import bos_token_id, tokenize_text
 from lowbit.errors import LowbitError
+from lowbit.memory import available_bytes
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    """LowbitError for a seed torch cannot take (it raises a bare ValueError: overflow)."""
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise LowbitError(f"{name} must be between {SEED_MIN} and {SEED_MAX}, got {seed}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,8 @@ def calibration_batch(
         raise LowbitError(f"nsamples must be at least 1, got {nsamples}")
     if seqlen < (2 if add_bos else 1):
         raise LowbitError(f"seqlen must be at least {2 if add_bos else 1}, got {seqlen}")
+    check_seed(seed)
+    _check_fits(nsamples, seqlen)
     ids = tokenize_text(tokenizer, text)
     k = seqlen - 1 if add_bos else seqlen
     n = int(ids.numel())
@@ -87,6 +98,21 @@ def calibration_batch(
         bos = torch.full((nsamples, 1), bos_token_id(tokenizer), dtype=torch.int64)
         rows = torch.cat([bos, rows], dim=1)
     return rows
+
+
+def _check_fits(nsamples: int, seqlen: int) -> None:
+    """LowbitError when the windows cannot be built in this machine's memory: the int64 batch
+    and its index tensor, each ``nsamples x seqlen`` (a run sized by an absurd setting fails
+    here at once, not after minutes in the allocator)."""
+    need = 2 * nsamples * seqlen * 8
+    available = available_bytes()
+    if available is not None and need > available:
+        raise LowbitError(
+            f"{nsamples} windows of {seqlen} tokens need {need / 2**30:.1f} GiB to draw, more "
+            f"than the {available / 2**30:.1f} GiB of memory available; draw fewer or shorter "
+            "windows (--nsamples, --seqlen; LR-QAT draws --steps x --batch-size windows of "
+            "--train-seqlen)"
+        )
 
 
 def calibration_set(

@@ -160,7 +160,7 @@ def estimate(
         "solver": 2 * 4 * max(3 * hidden**2, inter**2),
         "tokenizer and calibration text (allowance)": ALLOWANCE,
     }
-    g = run.group_blocks
+    g = min(run.group_blocks, sizes.n_blocks)  # a group larger than the model is the model
     streamed = {
         "weights outside the blocks": sizes.rest,
         f"{2 * g} blocks (full precision + dequantized copy)": 2 * g * sizes.max_block,
