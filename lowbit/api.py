@@ -358,9 +358,6 @@ def _check_shapes(loaded: LoadedModel, config: MethodConfig) -> None:
     does not divide a width (``config.check_width``), a rank above a layer's smaller side
     (``config.check_shapes``)."""
     check = getattr(config, "check_width", None)
-    check_shapes = getattr(config, "check_shapes", None)
-    if check is None and check_shapes is None:
-        return
     blocks = get_blocks(loaded.model, loaded.table)
     linears = {
         f"{loaded.table.blocks}.{i}.{n}": block.get_submodule(n)
@@ -371,8 +368,7 @@ def _check_shapes(loaded: LoadedModel, config: MethodConfig) -> None:
         widths = sorted({m.in_features for m in linears.values()})
         for name, module in linears.items():
             check(name, module.in_features, widths)
-    if check_shapes is not None:
-        check_shapes({name: (m.out_features, m.in_features) for name, m in linears.items()})
+    config.check_shapes({name: (m.out_features, m.in_features) for name, m in linears.items()})
 
 
 def average_bits(model: nn.Module) -> float:

@@ -29,6 +29,11 @@ class MethodConfig:
 
     method: ClassVar[str] = ""
 
+    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """LowbitError for a setting that the shapes ``(out_features, in_features)`` of the
+        model's block linears rule out, before any calibration (a method with a rank checks it
+        with :func:`lowbit.algorithms.weight_config.check_rank`); nothing to check here."""
+
     def to_dict(self) -> dict[str, Any]:
         out = {"method": self.method, "version": CONFIG_VERSION}
         for f in dataclasses.fields(self):

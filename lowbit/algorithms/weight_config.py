@@ -54,12 +54,6 @@ class IntWeightConfig(MethodConfig):
         )
 
 
-    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
-        """LowbitError for a setting that the shapes ``(out_features, in_features)`` of the
-        model's block linears rule out (a method with a rank checks it with
-        :func:`check_rank`); nothing to check here."""
-
-
 def check_rank(
     config: IntWeightConfig, flag: str, rank: int, shapes: dict[str, tuple[int, int]]
 ) -> None:

@@ -14,10 +14,11 @@ import yaml
 from lowbit import api
 from lowbit.cli.method_flags import method_settings
 from lowbit.cli.table import render
-from lowbit.data.calibration import check_seed
+from lowbit.data.calibration import check_draw
 from lowbit.engine import distributed
 from lowbit.engine.resume import discard_checkpoints
 from lowbit.errors import LowbitError
+from lowbit.eval.windows import check_eval_window
 from lowbit.models import bundled
 
 
@@ -141,22 +142,13 @@ def quantize(args: argparse.Namespace) -> int:
 def _check_run_flags(args: argparse.Namespace) -> None:
     """Calibration and evaluation flags out of range, before anything is loaded (the library
     checks them too, but only once the model and the text are read)."""
-    if args.nsamples < 1:
-        raise LowbitError(f"--nsamples must be at least 1, got {args.nsamples}")
-    if args.seqlen < 1:
-        raise LowbitError(f"--seqlen must be at least 1, got {args.seqlen}")
-    check_seed(args.seed, "--seed")
+    check_draw(args.nsamples, args.seqlen, args.seed, prefix="--")
     if args.ppl or args.kld:
         _check_eval_flags(args, "--eval-seqlen")
 
 
 def _check_eval_flags(args: argparse.Namespace, seqlen_flag: str) -> None:
-    if args.eval_seqlen < 2:
-        raise LowbitError(
-            f"{seqlen_flag} must be at least 2 to predict any token, got {args.eval_seqlen}"
-        )
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise LowbitError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    check_eval_window(args.eval_seqlen, args.max_tokens, (seqlen_flag, "--max-tokens"))
 
 
 def _preflight(args: argparse.Namespace, config, calib, main_process: bool):

@@ -26,6 +26,18 @@ def check_seed(seed: int, name: str = "seed") -> None:
         raise LowbitError(f"{name} must be between {SEED_MIN} and {SEED_MAX}, got {seed}")
 
 
+def check_draw(
+    nsamples: int, seqlen: int, seed: int, min_seqlen: int = 1, prefix: str = ""
+) -> None:
+    """LowbitError for window-drawing settings out of range; ``prefix="--"`` names them as the
+    command line's flags (which are checked before the model is loaded)."""
+    if nsamples < 1:
+        raise LowbitError(f"{prefix}nsamples must be at least 1, got {nsamples}")
+    if seqlen < min_seqlen:
+        raise LowbitError(f"{prefix}seqlen must be at least {min_seqlen}, got {seqlen}")
+    check_seed(seed, f"{prefix}seed")
+
+
 @dataclass(frozen=True)
 class CalibrationSet:
     """A calibration batch plus what is needed to record and reproduce it.
@@ -75,11 +87,7 @@ def calibration_batch(
     Returns ``torch.int64`` ``[nsamples, seqlen]`` on CPU. Raises ``LowbitError`` when the text
     has fewer than ``k`` tokens (the message gives both counts) or arguments are out of range.
     """
-    if nsamples < 1:
-        raise LowbitError(f"nsamples must be at least 1, got {nsamples}")
-    if seqlen < (2 if add_bos else 1):
-        raise LowbitError(f"seqlen must be at least {2 if add_bos else 1}, got {seqlen}")
-    check_seed(seed)
+    check_draw(nsamples, seqlen, seed, min_seqlen=2 if add_bos else 1)
     _check_fits(nsamples, seqlen)
     ids = tokenize_text(tokenizer, text)
     k = seqlen - 1 if add_bos else seqlen

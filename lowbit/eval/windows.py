@@ -10,6 +10,17 @@ from lowbit.data.tokens import bos_token_id, tokenize_text
 from lowbit.errors import LowbitError
 
 
+def check_eval_window(
+    seqlen: int, max_tokens: int | None, names: tuple[str, str] = ("seqlen", "max_tokens")
+) -> None:
+    """LowbitError for an evaluation window or token cap out of range, the two settings
+    called ``names`` (the command line passes its flags)."""
+    if seqlen < 2:
+        raise LowbitError(f"{names[0]} must be at least 2 to predict any token, got {seqlen}")
+    if max_tokens is not None and max_tokens < 1:
+        raise LowbitError(f"{names[1]} must be at least 1, got {max_tokens}")
+
+
 def eval_windows(
     tokenizer: Any,
     text: str,
@@ -29,10 +40,7 @@ def eval_windows(
     Returns ``torch.int64`` ``[n_windows, seqlen]`` on CPU with ``n_windows = min(n,
     max_tokens) // k``. Raises ``LowbitError`` when not even one full window fits.
     """
-    if seqlen < 2:
-        raise LowbitError(f"seqlen must be at least 2 to predict any token, got {seqlen}")
-    if max_tokens is not None and max_tokens < 1:
-        raise LowbitError(f"max_tokens must be positive, got {max_tokens}")
+    check_eval_window(seqlen, max_tokens)
     ids = tokenize_text(tokenizer, text)
     available = int(ids.numel())
     if max_tokens is not None:
