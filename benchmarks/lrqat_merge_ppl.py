@@ -49,7 +49,8 @@ def main() -> None:
     lrqat.merge = measured_merge
     settings = {"bits": args.bits, "group_size": -1, "steps": args.steps, "batch_size": 4,
                 "train_seqlen": 256, "checkpoint_every": 0}
-    api.quantize(loaded, "lrqat", settings, api.CalibSpec(nsamples=8), progress=False)
+    api.quantize(loaded, api.build_config("lrqat", settings), api.CalibSpec(nsamples=8),
+        progress=False)
     lrqat.merge = merge
     fake_ppl, fake_logits = seen["fake_quant"]
     merged_ppl, merged_logits = evaluate()

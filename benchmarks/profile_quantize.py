@@ -56,7 +56,8 @@ def main() -> None:
         profile = cProfile.Profile()
         start = time.perf_counter()
         profile.enable()
-        api.quantize(loaded, args.method, json.loads(args.settings), calib, progress=False)
+        api.quantize(loaded, api.build_config(args.method, json.loads(args.settings)), calib,
+            progress=False)
         profile.disable()
         total = time.perf_counter() - start
     stages = stage_seconds(pstats.Stats(profile), args.method)

@@ -1,14 +1,15 @@
 """The library's front door: load, quantize, save, reload, evaluate.
 
 from lowbit import api
+from lowbit.algorithms.gptq import GPTQConfig
 loaded = api.load_model("smollm2-135m")
-result = api.quantize(loaded, "gptq", {"bits": 4, "group_size": 64}, api.CalibSpec())
+result = api.quantize(loaded, GPTQConfig(bits=4, group_size=64), api.CalibSpec())
 api.save_quantized(loaded, result, "out/smollm2-w4")
 scores = api.evaluate(api.load_model("out/smollm2-w4"), ppl=["austen-pp"], kld=True)
 
 Streamed (the full-precision model never in memory at once; docs/RELIABILITY.md):
 loaded = api.load_model("smollm2-135m", stream=True)
-result = api.quantize(loaded, "gptq", {"bits": 4, "group_size": 64}, api.CalibSpec(),
+result = api.quantize(loaded, GPTQConfig(bits=4, group_size=64), api.CalibSpec(),
                       workdir="out/smollm2-w4.ckpt")
 api.save_quantized(loaded, result, "out/smollm2-w4")
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import platform
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,10 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.algorithms.base import METHODS, LayerReport, MethodConfig, get_method
+from lowbit.algorithms import config_class, methods
+from lowbit.core.config import MethodConfig
+from lowbit.core.method import Method, method_for
+from lowbit.core.report import LayerReport
 from lowbit.data.calibration import calibration_batch
 from lowbit.data.corpora import load_text, text_sha256
 from lowbit.data.tokens import tokenizer_adds_bos
@@ -141,32 +144,46 @@ class QuantizeResult:
 
 
 def build_config(method: str, settings: dict[str, Any]) -> MethodConfig:
-    """The method's config from recipe keys / flags (unknown keys are an error naming them)."""
-    return get_method(method).config_cls.from_dict({"method": method, **settings})
+    """The config of the method named ``method`` from recipe keys / flags (unknown keys are an
+    error naming them)."""
+    return config_class(method).from_dict({"method": method, **settings})
+
+
+def as_config(config: MethodConfig | dict[str, Any]) -> MethodConfig:
+    """``config`` itself, or the config of a recipe entry ``{"method": name, key: value, ...}``."""
+    if isinstance(config, MethodConfig):
+        return config
+    if not isinstance(config, dict) or not isinstance(config.get("method"), str):
+        raise LowbitError(
+            "a config is a method config (e.g. GPTQConfig(bits=4)) or a recipe entry "
+            f"{{'method': name, ...}}; got {config!r}"
+        )
+    settings = dict(config)
+    return build_config(settings.pop("method"), settings)
 
 
 def quantize(
     loaded: LoadedModel,
-    method: str,
     config: MethodConfig | dict[str, Any],
     calib: CalibSpec,
     progress: bool = True,
     workdir: str | Path | None = None,
     resume: bool = False,
 ) -> QuantizeResult:
-    """Quantize ``loaded.model`` in place: block by block, or as a whole for whole-model
-    methods (training). Both keep resumable state in ``workdir`` (none if ``None``): per
-    finished block (:mod:`lowbit.engine.resume`), or training checkpoints; ``resume``
-    continues from it (an existing state without ``resume`` is an error).
+    """Quantize ``loaded.model`` in place with the method registered for ``type(config)``
+    (``config``: a method config, or a recipe entry ``{"method": name, ...}``): block by block,
+    or as a whole for whole-model methods (training). Both keep resumable state in
+    ``workdir`` (none if ``None``): per finished block (:mod:`lowbit.engine.resume`), or
+    training checkpoints; ``resume`` continues from it (an existing state without
+    ``resume`` is an error).
 
     A streamed model (``load_model(..., stream=True)``) is quantized block by block from disk;
     its quantized blocks stay in ``workdir`` (required) until :func:`save_quantized`.
     """
     if loaded.manifest is not None:
         raise LowbitError(f"{loaded.spec} is already quantized; quantize the original model")
-    if isinstance(config, dict):
-        config = build_config(method, config)
-    registered = get_method(method)
+    config = as_config(config)
+    registered = method_for(config)
     _check_streamable(loaded, registered, workdir)
     _check_shapes(loaded, config)
     weights_sha256 = _check_weights(loaded)
@@ -186,7 +203,7 @@ def quantize(
     else:
         ids = calib_ids()
         if distributed.rank_and_world()[1] > 1:
-            ids, store = _distributed_share(method, registered, ids, resume), None
+            ids, store = _distributed_share(registered, ids, resume), None
         else:
             store = _block_checkpoints(
                 loaded, config, calib, text, ids, workdir, resume, weights_sha256
@@ -203,11 +220,11 @@ def quantize(
     else:
         avg_bits = average_bits(loaded.model)
     return QuantizeResult(
-        method, config, calib, text_sha256(text), reports, avg_bits, seconds, extra
+        registered.name, config, calib, text_sha256(text), reports, avg_bits, seconds, extra
     )
 
 
-def _check_streamable(loaded: LoadedModel, method: Any, workdir: str | Path | None) -> None:
+def _check_streamable(loaded: LoadedModel, method: Method, workdir: str | Path | None) -> None:
     """A streamed model needs a block-wise method, one process, and a folder for its
     quantized blocks."""
     if loaded.stream is None:
@@ -224,7 +241,7 @@ def _check_streamable(loaded: LoadedModel, method: Any, workdir: str | Path | No
         raise LowbitError(f"the streamed model {loaded.spec} is quantized already; load it again")
 
 
-def _refuse_streaming(method: Any) -> None:
+def _refuse_streaming(method: Method) -> None:
     if method.apply_model is not None:
         raise LowbitError(
             f"method '{method.name}' trains the whole model at once and cannot stream its "
@@ -234,7 +251,6 @@ def _refuse_streaming(method: Any) -> None:
 
 def preflight(
     spec: str,
-    method: str,
     config: MethodConfig,
     calib: CalibSpec,
     out: str | Path,
@@ -247,7 +263,7 @@ def preflight(
     files (when not streamed: a streamed run needs them and says so)."""
     from transformers import AutoConfig
 
-    registered = get_method(method)
+    registered = method_for(config)
     if stream:
         _refuse_streaming(registered)
     path = model_path(spec)
@@ -262,20 +278,9 @@ def preflight(
     hf_config = AutoConfig.from_pretrained(path)
     run = RunShape(
         calib.nsamples, calib.seqlen, calib.batch_size, registered.group_blocks(config),
-        _estimated_bits(config), stream,
+        config.estimated_bits(), stream,
     )
     return estimate(index, hf_config, table_for(hf_config.model_type), run, out, dtype)
-
-
-def _estimated_bits(config: MethodConfig) -> float:
-    """Stored bits per weight ``config`` will give, roughly: its bit width (8 where it names
-    none) plus an fp16 scale and zero point per group."""
-    bits = getattr(config, "bits", None)
-    if bits is None:
-        found = re.search(r"\d+", str(getattr(config, "weight_format", "")))
-        bits = int(found.group()) if found else 8
-    group = getattr(config, "group_size", -1) or -1
-    return bits + (32 / group if group > 0 else 0.0)
 
 
 def _check_weights(loaded: LoadedModel) -> str | None:
@@ -287,12 +292,13 @@ def _check_weights(loaded: LoadedModel) -> str | None:
     return None
 
 
-def _distributed_share(method: str, registered, ids: torch.Tensor, resume: bool) -> torch.Tensor:
+def _distributed_share(registered: Method, ids: torch.Tensor, resume: bool) -> torch.Tensor:
     """This process's calibration windows under torchrun (no checkpoints there)."""
     if not registered.distributed:
-        able = sorted(m.name for m in METHODS.values() if m.distributed)
+        able = sorted(name for name, m in methods().items() if m.distributed)
         raise LowbitError(
-            f"method '{method}' runs in one process; under torchrun use one of: {', '.join(able)}"
+            f"method '{registered.name}' runs in one process; under torchrun use one of: "
+            f"{', '.join(able)}"
         )
     if resume:
         raise LowbitError("--resume is for single-process runs; run without torchrun to resume")
@@ -337,11 +343,10 @@ def _model_context(loaded, calib, calib_ids, workdir, resume, progress) -> Model
     """The services a whole-model method gets: PTQ on the calibration data, token windows of
     any corpus, a checkpoint folder."""
 
-    def ptq(name: str, settings: dict[str, Any]) -> list[LayerReport]:
-        cfg = build_config(name, settings)
+    def ptq(config: MethodConfig) -> list[LayerReport]:
         return quantize_sequential(
-            loaded.model, loaded.table, calib_ids(), get_method(name), cfg, calib.batch_size,
-            progress,
+            loaded.model, loaded.table, calib_ids(), method_for(config), config,
+            calib.batch_size, progress,
         )
 
     def windows(corpus: str, n: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
@@ -354,21 +359,19 @@ def _model_context(loaded, calib, calib_ids, workdir, resume, progress) -> Model
 
 
 def _check_shapes(loaded: LoadedModel, config: MethodConfig) -> None:
-    """Settings the model's layer shapes rule out, before any calibration: a group size that
-    does not divide a width (``config.check_width``), a rank above a layer's smaller side
-    (``config.check_shapes``)."""
-    check = getattr(config, "check_width", None)
+    """Settings the model's layer shapes rule out, before any calibration
+    (``config.check_shapes``: a group size that does not divide a width, a rank above a
+    layer's smaller side)."""
     blocks = get_blocks(loaded.model, loaded.table)
-    linears = {
-        f"{loaded.table.blocks}.{i}.{n}": block.get_submodule(n)
+    config.check_shapes({
+        f"{loaded.table.blocks}.{i}.{n}": _shape(block.get_submodule(n))
         for i, block in enumerate(blocks)
         for n in loaded.table.linear_names
-    }
-    if check is not None:
-        widths = sorted({m.in_features for m in linears.values()})
-        for name, module in linears.items():
-            check(name, module.in_features, widths)
-    config.check_shapes({name: (m.out_features, m.in_features) for name, m in linears.items()})
+    })
+
+
+def _shape(linear: nn.Module) -> tuple[int, int]:
+    return linear.out_features, linear.in_features
 
 
 def average_bits(model: nn.Module) -> float:

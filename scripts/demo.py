@@ -34,7 +34,7 @@ def main() -> int:
     for method in ("rtn", "gptq"):
         print(f"[demo] quantizing with {method} W{args.bits} g{args.group_size}", flush=True)
         loaded = api.load_model(args.model)
-        result = api.quantize(loaded, method, settings, calib)
+        result = api.quantize(loaded, api.build_config(method, settings), calib)
         scores = api.evaluate(loaded, kld=True, base=base, **ev)
         rows.append(_row(method, result.avg_bits, result.seconds, scores))
         out = api.save_quantized(loaded, result, Path(args.out) / method)

@@ -57,7 +57,8 @@ def _worker(rank: int, port: int, path: str, out: str) -> None:
     results = {"hessians": hessians}
     for method in ("rtn", "gptq"):
         loaded = api.load_model(path)
-        res = api.quantize(loaded, method, {"bits": 4, "group_size": 64}, CALIB, progress=False)
+        res = api.quantize(loaded, api.build_config(method, {"bits": 4, "group_size": 64}), CALIB,
+            progress=False)
         results[method] = (_weights(loaded.model), [r.hessian_rel_err for r in res.layers])
     if rank == 0:
         torch.save(results, out)
@@ -85,7 +86,8 @@ def test_rtn_is_identical_and_gptq_as_good(two_processes, smollm2_2blocks):
     single = {}
     for method in ("rtn", "gptq"):
         loaded = api.load_model(str(smollm2_2blocks))
-        res = api.quantize(loaded, method, {"bits": 4, "group_size": 64}, CALIB, progress=False)
+        res = api.quantize(loaded, api.build_config(method, {"bits": 4, "group_size": 64}), CALIB,
+            progress=False)
         single[method] = (_weights(loaded.model), [r.hessian_rel_err for r in res.layers])
     weights, _ = two_processes["rtn"]
     assert all(torch.equal(weights[n], w) for n, w in single["rtn"][0].items())
@@ -101,6 +103,7 @@ def test_single_process_methods_are_refused_under_torchrun(monkeypatch, smollm2_
     loaded = api.load_model(str(smollm2_2blocks))
     with pytest.raises(LowbitError, match="method 'qllm' runs in one process; under torchrun "
                        "use one of: gptq, rtn, spqr, zqfp"):
-        api.quantize(loaded, "qllm", {}, CALIB, progress=False)
+        api.quantize(loaded, api.build_config("qllm", {}), CALIB, progress=False)
     with pytest.raises(LowbitError, match="--resume is for single-process runs"):
-        api.quantize(loaded, "rtn", {"group_size": 64}, CALIB, progress=False, resume=True)
+        api.quantize(loaded, api.build_config("rtn", {"group_size": 64}), CALIB, progress=False,
+            resume=True)

@@ -27,7 +27,8 @@ def _ppl(loaded, max_tokens):
 def test_gptq_save_reload_is_exact(fixture, request, tmp_path):
     path = request.getfixturevalue(fixture)
     loaded = api.load_model(str(path))
-    result = api.quantize(loaded, "gptq", {"bits": 3, "group_size": 64}, CALIB, progress=False)
+    result = api.quantize(loaded, api.build_config("gptq", {"bits": 3, "group_size": 64}), CALIB,
+        progress=False)
     assert len(result.layers) == 2 * 7
     assert all(
         isinstance(m, QuantLinear) for n, m in loaded.model.named_modules() if n.endswith("_proj")
@@ -44,8 +45,8 @@ def test_gptq_save_reload_is_exact(fixture, request, tmp_path):
 
 def test_avg_bits_match_saved_bytes(smollm2_2blocks, tmp_path):
     loaded = api.load_model(str(smollm2_2blocks))
-    result = api.quantize(
-        loaded, "rtn", {"bits": 3, "group_size": 64, "symmetric": False}, CALIB, progress=False
+    result = api.quantize(loaded, api.build_config("rtn", {"bits": 3, "group_size": 64,
+        "symmetric": False}), CALIB, progress=False
     )
     out = api.save_quantized(loaded, result, tmp_path / "q")
     from safetensors import safe_open
@@ -69,14 +70,16 @@ def test_gptq_beats_rtn_on_real_block(smollm2_2blocks):
     errs = {}
     for method in ("rtn", "gptq"):
         loaded = api.load_model(str(smollm2_2blocks))
-        result = api.quantize(loaded, method, {"bits": 3, "group_size": 64}, CALIB, progress=False)
+        result = api.quantize(loaded, api.build_config(method, {"bits": 3, "group_size": 64}),
+            CALIB, progress=False)
         errs[method] = sum(r.hessian_rel_err for r in result.layers)
     assert errs["gptq"] < 0.5 * errs["rtn"]  # measured 0.125 at 1 and 2 threads
 
 
 def test_reload_rejects_tampered_manifest(smollm2_2blocks, tmp_path):
     loaded = api.load_model(str(smollm2_2blocks))
-    result = api.quantize(loaded, "rtn", {"bits": 4, "group_size": 64}, CALIB, progress=False)
+    result = api.quantize(loaded, api.build_config("rtn", {"bits": 4, "group_size": 64}), CALIB,
+        progress=False)
     out = api.save_quantized(loaded, result, tmp_path / "q")
     (out / "lowbit.json").write_text("{not json")
     from lowbit.errors import LowbitError

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lowbit import api
-from lowbit.algorithms.base import MethodConfig
 from lowbit.algorithms.gptq import GPTQConfig
+from lowbit.core.config import MethodConfig
 from lowbit.engine.capture import block_output, capture_block_inputs
 from lowbit.engine.hessian import HessianAccumulator
 from lowbit.errors import LowbitError

@@ -60,7 +60,7 @@ def test_gptq_act_order_export_unpacks_exactly(smollm2_2blocks, tmp_path):
     loaded = api.load_model(str(smollm2_2blocks))
     calib = api.CalibSpec(nsamples=4, seqlen=64, batch_size=4)
     cfg = {"bits": 4, "group_size": 64, "act_order": True}
-    result = api.quantize(loaded, "gptq", cfg, calib, progress=False)
+    result = api.quantize(loaded, api.build_config("gptq", cfg), calib, progress=False)
     src = api.save_quantized(loaded, result, tmp_path / "q")
     out = export_gptq(src, tmp_path / "gptq")
     qc = json.loads((out / "quantize_config.json").read_text())

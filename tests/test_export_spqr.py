@@ -93,7 +93,7 @@ def spqr_dir(smollm2_2blocks, tmp_path_factory):
     loaded = api.load_model(str(smollm2_2blocks))
     config = {"ignore": ["model.layers.1.*", "*.mlp.gate_proj", "*.mlp.down_proj"]}
     calib = api.CalibSpec(nsamples=4, seqlen=64, batch_size=4)
-    result = api.quantize(loaded, "spqr", config, calib, progress=False)
+    result = api.quantize(loaded, api.build_config("spqr", config), calib, progress=False)
     return api.save_quantized(loaded, result, tmp_path_factory.mktemp("spqr") / "q")
 
 

@@ -49,7 +49,7 @@ def tiny_model(smollm2_2blocks, tmp_path_factory):
 def tiny_dir(tiny_model, tmp_path_factory):
     """A lowbit DIR (RTN 4-bit) of the tiny model, never modified: tests work on copies."""
     loaded = api.load_model(str(tiny_model))
-    result = api.quantize(loaded, "rtn", RTN, CALIB, progress=False)
+    result = api.quantize(loaded, api.build_config("rtn", RTN), CALIB, progress=False)
     return api.save_quantized(loaded, result, tmp_path_factory.mktemp("tinyq") / "q")
 
 
@@ -365,7 +365,8 @@ def test_disk_full_while_saving_leaves_earlier_output(tiny_model, tiny_dir, tmp_
     out = shutil.copytree(tiny_dir, tmp_path / "q")  # an earlier output of the same name
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     loaded = api.load_model(str(tiny_model))
-    result = api.quantize(loaded, "rtn", {**RTN, "bits": 3}, CALIB, progress=False)
+    result = api.quantize(loaded, api.build_config("rtn", {**RTN, "bits": 3}), CALIB,
+        progress=False)
 
     def no_space(tensors, filename, metadata=None):
         with open(filename, "wb") as f:

@@ -55,7 +55,8 @@ def test_static_cache_decoding_matches_hf_generate_sliding_window():
 @pytest.fixture(scope="module")
 def rtn_dir(smollm2_2blocks, tmp_path_factory):
     loaded = api.load_model(str(smollm2_2blocks))
-    result = api.quantize(loaded, "rtn", {"bits": 4, "group_size": 64}, CALIB, progress=False)
+    result = api.quantize(loaded, api.build_config("rtn", {"bits": 4, "group_size": 64}), CALIB,
+        progress=False)
     return api.save_quantized(loaded, result, tmp_path_factory.mktemp("q") / "rtn-w4g64")
 
 

@@ -76,7 +76,7 @@ LORC_RANK = 32  # rank 8 lowers this 2-block model's KLD by only 11-12%: too clo
 def lorc_model(smollm2_2blocks):
     loaded = api.load_model(str(smollm2_2blocks))
     cfg = {"group_size": 64, "scale_constraint": "m2", "lorc_rank": LORC_RANK}
-    result = api.quantize(loaded, "zqfp", cfg, CALIB, progress=False)
+    result = api.quantize(loaded, api.build_config("zqfp", cfg), CALIB, progress=False)
     return loaded, result
 
 

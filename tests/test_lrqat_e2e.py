@@ -26,10 +26,11 @@ def _quant(model) -> dict[str, QuantLinear]:
 def test_gptq_start_without_steps_is_the_gptq_model(smollm2_2blocks, group_size):
     grid = {"bits": 3, "group_size": group_size}
     gptq = api.load_model(str(smollm2_2blocks))
-    api.quantize(gptq, "gptq", {**grid, "static_groups": group_size != -1}, CALIB, progress=False)
+    api.quantize(gptq, api.build_config("gptq", {**grid, "static_groups": group_size != -1}),
+        CALIB, progress=False)
     lrqat = api.load_model(str(smollm2_2blocks))
-    result = api.quantize(
-        lrqat, "lrqat", {**grid, "init": "gptq", "steps": 0}, CALIB, progress=False
+    result = api.quantize(lrqat, api.build_config("lrqat", {**grid, "init": "gptq", "steps": 0}),
+        CALIB, progress=False
     )
     want, got = _quant(gptq.model), _quant(lrqat.model)
     assert want.keys() == got.keys() and len(got) == 14
@@ -46,9 +47,10 @@ def _loss(loaded, ids) -> float:
 def test_training_lowers_the_loss_and_reloads_exactly(smollm2_2blocks, tmp_path):
     cfg = {"bits": 3, "alpha": 32.0, "lr": 1e-2, "scale_lr": 1e-3, **TRAIN}
     before = api.load_model(str(smollm2_2blocks))
-    api.quantize(before, "lrqat", {**cfg, "steps": 0}, CALIB, progress=False)
+    api.quantize(before, api.build_config("lrqat", {**cfg, "steps": 0}), CALIB, progress=False)
     loaded = api.load_model(str(smollm2_2blocks))
-    result = api.quantize(loaded, "lrqat", {**cfg, "steps": 8}, CALIB, progress=False)
+    result = api.quantize(loaded, api.build_config("lrqat", {**cfg, "steps": 8}), CALIB,
+        progress=False)
     held_out = calibration_batch(loaded.tokenizer, load_text("austen-pp")[:20000], 4, 64, 0)
     assert _loss(loaded, held_out) < 0.9 * _loss(before, held_out)  # measured 0.739
     facts = result.extra["training"]

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from lowbit import api
-from lowbit.algorithms.base import METHODS, get_method
+from lowbit.algorithms import method_named
+from lowbit.core.method import METHODS
 from lowbit.engine import resume
 from lowbit.errors import LowbitError
 
@@ -103,19 +104,21 @@ class _Crash(Exception):
 
 
 def _crash_at_block(monkeypatch, method: str, index: int) -> None:
-    registered = get_method(method)
+    registered = method_named(method)
 
     def apply_block(config, ctx):
         if ctx.index == index:
             raise _Crash
         return registered.apply_block(config, ctx)
 
-    monkeypatch.setitem(METHODS, method, dataclasses.replace(registered, apply_block=apply_block))
+    monkeypatch.setitem(METHODS, registered.config_cls, dataclasses.replace(registered,
+        apply_block=apply_block))
 
 
 def _run(path, work, settings=RTN, calib=CALIB, resume_=False):
     loaded = api.load_model(str(path))
-    result = api.quantize(loaded, "rtn", settings, calib, False, workdir=work, resume=resume_)
+    result = api.quantize(loaded, api.build_config("rtn", settings), calib, False, workdir=work,
+        resume=resume_)
     return loaded, result
 
 
@@ -164,8 +167,8 @@ def test_resume_refuses_changed_model_weights(smollm2_2blocks, tmp_path, monkeyp
     with torch.no_grad():
         loaded.model.model.norm.weight[0] += 1
     _refused(
-        r"model.weights_sha256: '", api.quantize, loaded, "rtn", RTN, CALIB, False, workdir=work,
-        resume=True,
+        r"model.weights_sha256: '", api.quantize, loaded, api.build_config("rtn", RTN), CALIB,
+        False, workdir=work, resume=True,
     )
 
 
@@ -198,14 +201,16 @@ def test_disk_full_while_checkpointing_keeps_earlier_blocks(smollm2_2blocks, tmp
 def test_resume_restores_every_stored_weight_kind(smollm2_2blocks, tmp_path, method, settings):
     work = tmp_path / "q.ckpt"
     reference = api.load_model(str(smollm2_2blocks))
-    api.quantize(reference, method, settings, CALIB, False)
+    api.quantize(reference, api.build_config(method, settings), CALIB, False)
     with pytest.MonkeyPatch.context() as mp:
         _crash_at_block(mp, method, 1)
         with pytest.raises(_Crash):
-            api.quantize(api.load_model(str(smollm2_2blocks)), method, settings, CALIB, False,
+            api.quantize(api.load_model(str(smollm2_2blocks)), api.build_config(method, settings),
+                CALIB, False,
                          workdir=work)
     loaded = api.load_model(str(smollm2_2blocks))
-    api.quantize(loaded, method, settings, CALIB, False, workdir=work, resume=True)
+    api.quantize(loaded, api.build_config(method, settings), CALIB, False, workdir=work,
+        resume=True)
     want, got = reference.model.state_dict(), loaded.model.state_dict()
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)

@@ -284,7 +284,7 @@ def spqr_block0(smollm2_2blocks, tmp_path_factory):
     (the rest stays dense to keep the test fast), saved."""
     loaded = api.load_model(str(smollm2_2blocks))
     config = {"ignore": ["model.layers.1.*", "*.mlp.gate_proj", "*.mlp.down_proj"]}
-    result = api.quantize(loaded, "spqr", config, CALIB, progress=False)
+    result = api.quantize(loaded, api.build_config("spqr", config), CALIB, progress=False)
     out = api.save_quantized(loaded, result, tmp_path_factory.mktemp("spqr") / "q")
     return loaded, result, out
 

@@ -18,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowbit import api
-from lowbit.algorithms.base import METHODS, get_method
+from lowbit.algorithms import method_named
 from lowbit.cli.main import main
+from lowbit.core.method import METHODS
 from lowbit.engine import preflight
 from lowbit.engine.resume import tensor_sha256
 from lowbit.errors import LowbitError
@@ -43,7 +44,8 @@ def smollm2_3blocks(tmp_path_factory):
 def _quantize(path, out, method="rtn", settings=RTN, stream=False, resume=False):
     loaded = api.load_model(str(path), stream=stream)
     work = out.parent / f"{out.name}.ckpt"
-    result = api.quantize(loaded, method, settings, CALIB, False, workdir=work, resume=resume)
+    result = api.quantize(loaded, api.build_config(method, settings), CALIB, False, workdir=work,
+        resume=resume)
     api.save_quantized(loaded, result, out)
     return result
 
@@ -149,7 +151,7 @@ def test_at_most_one_group_of_blocks_is_in_memory(smollm2_3blocks, tmp_path, mon
 
     monkeypatch.setattr(BlockStream, "load", counting)
     loaded = api.load_model(str(smollm2_3blocks), stream=True)
-    api.quantize(loaded, "rtn", RTN, CALIB, False, workdir=tmp_path / "q.ckpt")
+    api.quantize(loaded, api.build_config("rtn", RTN), CALIB, False, workdir=tmp_path / "q.ckpt")
     assert live == [[0], [1], [2]]
     assert not any(_materialized(b) for b in loaded.stream.blocks)
     with loaded.stream.quantized_block(1) as block:
@@ -180,14 +182,15 @@ class _Crash(Exception):
 
 
 def _crashing(monkeypatch, index):
-    registered = get_method("rtn")
+    registered = method_named("rtn")
 
     def apply_block(config, ctx):
         if ctx.index == index:
             raise _Crash
         return registered.apply_block(config, ctx)
 
-    monkeypatch.setitem(METHODS, "rtn", dataclasses.replace(registered, apply_block=apply_block))
+    monkeypatch.setitem(METHODS, registered.config_cls, dataclasses.replace(registered,
+        apply_block=apply_block))
 
 
 @pytest.mark.parametrize("first_stream", [True, False])
@@ -225,8 +228,9 @@ def test_nan_weight_is_refused_before_any_block_with_the_same_message(smollm2_3b
 def test_streaming_refusals(smollm2_3blocks, tmp_path):
     loaded = api.load_model(str(smollm2_3blocks), stream=True)
     cases = [
-        (lambda: api.quantize(loaded, "rtn", RTN, CALIB, False), "pass workdir="),
-        (lambda: api.quantize(loaded, "lrqat", {}, CALIB, False, workdir=tmp_path / "w"),
+        (lambda: api.quantize(loaded, api.build_config("rtn", RTN), CALIB, False), "pass workdir="),
+        (lambda: api.quantize(loaded, api.build_config("lrqat", {}), CALIB, False,
+            workdir=tmp_path / "w"),
          "method 'lrqat' trains the whole model at once and cannot stream"),
         (lambda: api.evaluate(loaded, ["austen-pp"], progress=False), "cannot be run"),
         (lambda: api.save_quantized(loaded, None, tmp_path / "o"), "is not quantized yet"),
@@ -244,7 +248,7 @@ def test_streaming_refusals(smollm2_3blocks, tmp_path):
 def _estimate(path, stream, tmp_path, nsamples=4):
     calib = dataclasses.replace(CALIB, nsamples=nsamples)
     config = api.build_config("rtn", RTN)
-    return api.preflight(str(path), "rtn", config, calib, tmp_path / "out", stream=stream)
+    return api.preflight(str(path), config, calib, tmp_path / "out", stream=stream)
 
 
 def test_preflight_parts_follow_the_files(smollm2_3blocks, tmp_path):

@@ -143,7 +143,7 @@ def m2_saved(smollm2_2blocks, tmp_path_factory):
     """W4A8 FP-FP, M2, static per-tensor FP8 activations, LoRC rank 8: quantized and saved."""
     loaded = api.load_model(str(smollm2_2blocks))
     cfg = {"group_size": 64, "scale_constraint": "m2", "lorc_rank": 8, "act_granularity": "tensor"}
-    result = api.quantize(loaded, "zqfp", cfg, CALIB, progress=False)
+    result = api.quantize(loaded, api.build_config("zqfp", cfg), CALIB, progress=False)
     out = api.save_quantized(loaded, result, tmp_path_factory.mktemp("zqfp") / "q")
     return loaded, result, out
 

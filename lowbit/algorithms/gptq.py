@@ -16,9 +16,10 @@ from typing import Protocol
 
 import torch
 
-from lowbit.algorithms.base import LayerReport, register
 from lowbit.algorithms.linearwise import Solution, quantize_linearwise
 from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.core.method import register
+from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
 from lowbit.formats.blockscale import BlockQuantized, BlockScaledConfig, BlockScales, compute_scales
 from lowbit.formats.element import get_format
@@ -356,7 +357,6 @@ def gptq_solve(config: GPTQConfig, weight: torch.Tensor, hessian: torch.Tensor) 
 
 
 @register(
-    "gptq",
     GPTQConfig,
     "GPTQ: Hessian-aware error feedback, act-order, lazy blocks",
     distributed=True,

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from lowbit.algorithms.base import LayerReport
 from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
 from lowbit.formats.codecs import StoredWeight
 from lowbit.nn.quant_linear import QuantLinear

@@ -25,9 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.algorithms.base import LayerReport, register_model
+from lowbit.algorithms.gptq import GPTQConfig
 from lowbit.algorithms.lrqat_train import RESUME_NEUTRAL, start_fingerprint, train
+from lowbit.algorithms.rtn import RTNConfig
 from lowbit.algorithms.weight_config import IntWeightConfig, check_rank
+from lowbit.core.config import MethodConfig
+from lowbit.core.method import register_model
+from lowbit.core.report import LayerReport
 from lowbit.data.calibration import check_seed
 from lowbit.errors import LowbitError
 from lowbit.formats.intq import IntGrid, expand_groups
@@ -144,13 +148,14 @@ class LRQATConfig(IntWeightConfig):
 
     def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
         """The low-rank matrices A, B: rank at most min(rows, columns) of every trained layer."""
+        super().check_shapes(shapes)
         if not self.full_qat:
             check_rank(self, "--rank", self.rank, shapes)
 
-    def ptq_settings(self) -> dict[str, Any]:
-        """Settings of the PTQ run of ``init`` on this grid (GPTQ with static groups, so its
+    def ptq_config(self) -> MethodConfig:
+        """The config of the PTQ run of ``init`` on this grid (GPTQ with static groups, so its
         codes stay in input order)."""
-        out = {
+        grid = {
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": True,
@@ -158,8 +163,8 @@ class LRQATConfig(IntWeightConfig):
             "ignore": self.ignore,
         }
         if self.init == "gptq":
-            out["static_groups"] = self.group_size != -1
-        return out
+            return GPTQConfig(**grid, static_groups=self.group_size != -1)
+        return RTNConfig(**grid)
 
     def resume_key(self) -> dict[str, Any]:
         """The settings a resumed run must share with the interrupted one."""
@@ -265,7 +270,7 @@ def _initial_scales(layers: dict[str, FakeQuantLinear]) -> dict[str, torch.Tenso
     return {name: layer.effective_scale().clone() for name, layer in layers.items()}
 
 
-@register_model("lrqat", LRQATConfig, "LR-QAT: low-rank QAT on a downcast frozen grid (+ full QAT)")
+@register_model(LRQATConfig, "LR-QAT: low-rank QAT on a downcast frozen grid (+ full QAT)")
 def apply_model(config: LRQATConfig, ctx) -> tuple[list[LayerReport], dict[str, Any]]:
     """Initialise, train and merge; ``ctx`` is a
     :class:`~lowbit.engine.model_context.ModelContext`."""
@@ -273,7 +278,7 @@ def apply_model(config: LRQATConfig, ctx) -> tuple[list[LayerReport], dict[str, 
     if config.steps > 0:  # drawn first: a missing corpus or windows that cannot fit fail at once
         n = config.steps * config.batch_size
         batches, sha = ctx.windows(config.train_corpus, n, config.train_seqlen, config.train_seed)
-    ptq_reports = ctx.ptq(config.init, config.ptq_settings()) if config.init != "lp" else []
+    ptq_reports = ctx.ptq(config.ptq_config()) if config.init != "lp" else []
     layers = attach(ctx.model, ctx.blocks, ctx.table, config)
     if not layers:
         raise LowbitError("every linear is ignored; nothing to train (check --ignore)")

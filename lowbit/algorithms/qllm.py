@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit.algorithms.base import LayerReport, register
 from lowbit.algorithms.qllm_correction import correct_group
 from lowbit.algorithms.reassembly import (
     PAIR_SCORES,
@@ -53,6 +52,8 @@ from lowbit.algorithms.wa_quant import (
     search_windows,
 )
 from lowbit.algorithms.weight_config import check_rank
+from lowbit.core.method import register
+from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
 from lowbit.nn.act_quant import ActQuantizer
 from lowbit.nn.quant_linear import QuantLinear
@@ -113,8 +114,13 @@ class QLLMConfig(WAConfig):
             if not (value > 0 and math.isfinite(value)):
                 raise LowbitError(f"{name} must be a finite number > 0, got {value}")
 
+    def blocks_per_group(self) -> int:
+        """The error correction trains over ``group_blocks`` consecutive blocks."""
+        return self.group_blocks
+
     def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
         """The correction's low-rank terms: rank at most min(rows, columns) of every layer."""
+        super().check_shapes(shapes)
         if self.correction:
             check_rank(self, "--rank", self.rank, shapes)
 
@@ -126,7 +132,6 @@ def reassembled_groups(table) -> set[str]:
 
 
 @register(
-    "qllm",
     QLLMConfig,
     "QLLM: channel reassembly + low-rank error correction, W4A4/W4A8/W6A6",
     finish_group=lambda config, group, reports: (

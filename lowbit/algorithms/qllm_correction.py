@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.algorithms.base import LayerReport
 from lowbit.algorithms.wa_quant import quantized_linear
+from lowbit.core.report import LayerReport
 from lowbit.memory import peak_rss_mb, reset_peak_rss
 from lowbit.nn.quant_linear import QuantLinear
 

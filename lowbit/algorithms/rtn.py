@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.base import LayerReport, register
 from lowbit.algorithms.linearwise import Solution, quantize_linearwise
 from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.core.method import register
+from lowbit.core.report import LayerReport
 from lowbit.formats.intq import rtn_quantize
 from lowbit.formats.packed_int import PackedIntWeight
 
@@ -26,7 +27,7 @@ def rtn_solve(config: RTNConfig, weight: torch.Tensor, hessian: torch.Tensor) ->
 
 
 @register(
-    "rtn", RTNConfig, "round to nearest on a min-max grid (baseline)", distributed=True
+    RTNConfig, "round to nearest on a min-max grid (baseline)", distributed=True
 )
 def apply_block(config: RTNConfig, ctx) -> list[LayerReport]:
     return quantize_linearwise(ctx, config, rtn_solve, true_sequential=False)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.base import LayerReport, register
 from lowbit.algorithms.wa_quant import WAConfig, input_stats, quantized_linear
+from lowbit.core.method import register
+from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
 
 # the linear whose output rows produce down_proj's input, per down-projection name: dividing
@@ -91,7 +92,7 @@ def smooth_block(config: SmoothQuantConfig, ctx) -> dict[str, float]:
     return applied
 
 
-@register("smoothquant", SmoothQuantConfig, "SmoothQuant baseline: smoothing + RTN W/A")
+@register(SmoothQuantConfig, "SmoothQuant baseline: smoothing + RTN W/A")
 def apply_block(config: SmoothQuantConfig, ctx) -> list[LayerReport]:
     start = time.perf_counter()
     smoothed = smooth_block(config, ctx) if config.smooth_alpha > 0 else {}

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.base import LayerReport, register
 from lowbit.algorithms.gptq import inverse_hessian_cholesky, prepare_hessian
 from lowbit.algorithms.linearwise import Solution, quantize_linearwise
 from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.core.method import register
+from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
 from lowbit.formats.bilevel import BilevelStats, bilevel_quantize
 from lowbit.formats.intq import IntGrid, dequantize, fake_quantize, minmax_params, quantize
@@ -272,7 +273,6 @@ def spqr_solve(config: SpQRConfig, weight: torch.Tensor, hessian: torch.Tensor) 
 
 
 @register(
-    "spqr",
     SpQRConfig,
     "SpQR: small groups, bilevel 3-bit stats, fp16 sparse outliers",
     distributed=True,

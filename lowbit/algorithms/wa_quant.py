@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.algorithms.weight_config import IntWeightConfig
-from lowbit.engine.capture import block_output
-from lowbit.engine.context import StopBlock
+from lowbit.core.block_output import StopBlock, block_output
 from lowbit.errors import LowbitError
 from lowbit.formats.intq import rtn_quantize
 from lowbit.formats.packed_int import PackedIntWeight

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from lowbit.algorithms.base import MethodConfig
+from lowbit.core.config import MethodConfig
 from lowbit.errors import LowbitError
 from lowbit.formats.intq import IntGrid
 
@@ -42,6 +42,18 @@ class IntWeightConfig(MethodConfig):
 
     def ignores(self, name: str) -> bool:
         return any(fnmatch.fnmatch(name, pattern) for pattern in self.ignore)
+
+    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """The group size must divide the input width of every linear quantized (ragged groups
+        off); subclasses with a rank add :func:`check_rank` and call this first."""
+        widths = sorted({cols for _rows, cols in shapes.values()})
+        for name, (_rows, cols) in shapes.items():
+            if not self.ignores(name):
+                self.check_width(name, cols, widths)
+
+    def estimated_bits(self) -> float:
+        """``bits`` plus an fp16 scale and zero point per group."""
+        return self.bits + (32 / self.group_size if self.group_size > 0 else 0.0)
 
     def check_width(self, name: str, in_features: int, all_widths: list[int]) -> None:
         """LowbitError if the group size does not divide ``in_features`` and ragged is off."""

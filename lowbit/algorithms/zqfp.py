@@ -20,11 +20,12 @@ from functools import partial
 
 import torch
 
-from lowbit.algorithms.base import LayerReport, register
 from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize_blocks, gptq_solve
 from lowbit.algorithms.linearwise import Solution, relative_errors, timed_solve
 from lowbit.algorithms.lorc import lorc
 from lowbit.algorithms.weight_config import check_rank
+from lowbit.core.method import register
+from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
 from lowbit.formats.blockscale import BlockScaledConfig
 from lowbit.formats.element import get_format
@@ -119,6 +120,7 @@ class ZQFPConfig(GPTQConfig):
 
     def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
         """LoRC's rank must exist for every quantized linear: at most min(rows, columns)."""
+        super().check_shapes(shapes)
         if self.lorc_rank:
             check_rank(self, "--lorc-rank", self.lorc_rank, shapes)
 
@@ -181,7 +183,6 @@ def zqfp_solve(config: ZQFPConfig, weight: torch.Tensor, hessian: torch.Tensor) 
 
 
 @register(
-    "zqfp",
     ZQFPConfig,
     "ZeroQuant-FP: FP/INT weights by GPTQ, FP8/INT8 activations, M1/M2 scales, LoRC",
     distributed=True,

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from lowbit import api
+from lowbit.algorithms import method_named
 from lowbit.cli.method_flags import method_settings
 from lowbit.cli.table import render
 from lowbit.data.calibration import check_draw
@@ -82,7 +83,7 @@ def quantize(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out)
     _check_run_flags(args)
-    api.get_method(args.method)
+    method_named(args.method)
     settings = _read_recipe(args.recipe, args.method)
     for key in ("bits", "group_size", "symmetric"):
         if getattr(args, key) is not None:
@@ -94,7 +95,7 @@ def quantize(args: argparse.Namespace) -> int:
     estimate = _preflight(args, config, calib, main_process)
     loaded = api.load_model(args.model, stream=args.stream)
     workdir = Path(f"{Path(args.out)}.ckpt")  # resumable state: finished blocks, or training
-    result = api.quantize(loaded, args.method, config, calib, progress=main_process,
+    result = api.quantize(loaded, config, calib, progress=main_process,
                           workdir=workdir, resume=args.resume)
     if not main_process:
         return 0  # torchrun: rank 0 saves, evaluates and reports
@@ -155,7 +156,7 @@ def _preflight(args: argparse.Namespace, config, calib, main_process: bool):
     """Print the run's memory and disk estimate and refuse a run that cannot fit, before the
     model is loaded (stdout: stderr stays one line when the run fails); the estimate, or None
     when there is none."""
-    estimate = api.preflight(args.model, args.method, config, calib, args.out, args.stream)
+    estimate = api.preflight(args.model, config, calib, args.out, args.stream)
     if estimate is None or not main_process:
         return estimate
     print(estimate.describe(), flush=True)

@@ -12,7 +12,7 @@ from lowbit.errors import LowbitError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lowbit.algorithms.base import METHODS
+    from lowbit.algorithms import methods
     from lowbit.cli import commands
     from lowbit.cli.method_flags import add_method_flags
     from lowbit.cli.report import add_compare_flags, add_task_flags, compare
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and save it")
     p.add_argument("model", help="bundled name or local HF folder")
-    p.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(METHODS))}")
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(methods()))}")
     p.add_argument("--bits", "--wbits", dest="bits", type=int, help="weight bits (2-8)")
     p.add_argument(
         "-g", "--group-size", type=int, help="columns per group; -1 = per output channel"

@@ -8,7 +8,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from lowbit.algorithms.base import METHODS
+from lowbit.algorithms import methods
 from lowbit.errors import LowbitError
 
 # Fields with hand-written flags in the common set (see main.py).
@@ -48,7 +48,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def _fields() -> dict[str, tuple[Any, set[str]]]:
     """field name -> (type, methods that have it), over every registered method."""
     out: dict[str, tuple[Any, set[str]]] = {}
-    for method in METHODS.values():
+    for method in methods().values():
         hints = typing.get_type_hints(method.config_cls)
         for f in dataclasses.fields(method.config_cls):
             kind, owners = out.setdefault(f.name, (hints[f.name], set()))
@@ -59,7 +59,7 @@ def _fields() -> dict[str, tuple[Any, set[str]]]:
 def add_method_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method settings (each is also a recipe key)")
     docs: dict[str, str] = {}
-    for method in METHODS.values():
+    for method in methods().values():
         docs.update(field_docs(method.config_cls))
     for name, (kind, owners) in sorted(_fields().items()):
         if name in COMMON:

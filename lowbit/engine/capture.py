@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.core.block_output import block_output  # noqa: F401  (engine users import it here)
+
 
 class _StopForward(Exception):
     """Raised by the last catcher: nothing after the blocks needs to run."""
@@ -95,10 +97,3 @@ def _rows(value: Any, size: int, b: int) -> Any:
     if isinstance(value, dict):
         return {k: _rows(v, size, b) for k, v in value.items()}
     return value
-
-
-def block_output(block: nn.Module, x: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
-    """Hidden states ``[b, L, hidden]`` a block returns (tensor or first tuple element)."""
-    args, kwargs = call
-    out = block(x, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.engine.capture import BlockInputs, block_output
+from lowbit.core.block_output import StopBlock, block_output
+from lowbit.engine.capture import BlockInputs
 from lowbit.engine.distributed import max_over_ranks, solve_shared, sum_hessian
 from lowbit.engine.hessian import HessianAccumulator
 from lowbit.models.arch import BlockTable, set_submodule
@@ -154,7 +155,3 @@ def drop_dense_caches(block: nn.Module) -> None:
         if isinstance(m, QuantLinear):
             m.drop_cache()
 
-
-class StopBlock(Exception):
-    """Raised by an observing hook once it has what it needs: the rest of the block is not
-    needed (the engine's Hessian collection, the weight-activation methods' statistics)."""

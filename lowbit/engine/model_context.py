@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.algorithms.base import LayerReport
 from lowbit.atomic import atomic_file
+from lowbit.core.config import MethodConfig
+from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
 from lowbit.models.arch import BlockTable, get_blocks
 
@@ -72,8 +73,8 @@ class ModelContext:
         model: the ``*ForCausalLM`` module (methods replace its linears in place).
         table: the architecture's block table; ``blocks`` gives the decoder blocks.
         add_bos: windows start with BOS (see ``LoadedModel.add_bos``).
-        ptq: ``ptq(method, settings)`` runs a registered block-wise method on the calibration
-            data (in place) and returns its per-layer reports.
+        ptq: ``ptq(config)`` runs the block-wise method registered for ``config`` on the
+            calibration data (in place) and returns its per-layer reports.
         windows: ``windows(corpus, n, seqlen, seed)`` -> (``[n, seqlen]`` int64 random token
             windows of a corpus, drawn as calibration windows are; sha256 of the corpus text).
         checkpoints: where resumable state goes, or ``None`` (no checkpoints).
@@ -83,7 +84,7 @@ class ModelContext:
     model: nn.Module
     table: BlockTable
     add_bos: bool
-    ptq: Callable[[str, dict[str, Any]], list[LayerReport]]
+    ptq: Callable[[MethodConfig], list[LayerReport]]
     windows: Callable[[str, int, int, int], tuple[torch.Tensor, str]]
     checkpoints: CheckpointStore | None = None
     progress: bool = True

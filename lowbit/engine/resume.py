@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.algorithms.base import LayerReport
 from lowbit.atomic import atomic_file
+from lowbit.core.report import LayerReport
 from lowbit.engine.model_context import CheckpointStore
 from lowbit.errors import LowbitError, write_error
 from lowbit.models.arch import set_submodule

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.base import LayerReport, Method, MethodConfig
+from lowbit.core.config import MethodConfig
+from lowbit.core.method import Method
+from lowbit.core.report import LayerReport
 from lowbit.engine.capture import capture_block_inputs
 from lowbit.engine.context import BlockContext, GroupContext, drop_dense_caches, run_blocks
 from lowbit.engine.resume import BlockCheckpoints
