@@ -74,7 +74,7 @@ def test_quantized_model_fast_kernels_match_reference_logits(rtn_dir):
     errors = {}
     for kernel in ("auto", "reference"):
         for m in layers:
-            m.kernel = kernel
+            m.set_kernel_mode(kernel)
         with torch.inference_mode():
             logits = loaded.model(ids).logits.float()
         errors[kernel] = float((logits - exact).norm() / exact.norm())

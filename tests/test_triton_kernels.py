@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowbit.algorithms.spqr import SpQRConfig, spqr_solve
 from lowbit.formats.blockscale import BlockScaledConfig, preset
 from lowbit.formats.intq import IntGrid, rtn_quantize
 from lowbit.formats.packed_block import PackedBlockWeight
@@ -67,6 +68,23 @@ def _block_weight(rows, cols, config, seed=0):
     w = torch.randn(rows, cols, generator=g) * 0.05
     w[0, :3] = torch.tensor([0.0, 1e-6, -2e-3])  # tiny magnitudes: subnormal codes and scales
     return PackedBlockWeight.quantize(w, config)
+
+
+def _spqr_weight(rows, cols, seed=0):
+    """A 3-bit SpQR weight with act-order, a ragged last group and outliers."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[torch.rand(rows, cols, generator=g) < 0.01] *= 8
+    x = torch.randn(4 * cols, cols, generator=g)
+    stored = spqr_solve(SpQRConfig(ragged_groups=True), w, 2 * x.T @ x / x.shape[0]).stored
+    assert stored.perm is not None and stored.outlier_count > 0
+    return stored
+
+
+def _plan(stored, dtype, device="cuda", bias=None, act_quant=None):
+    """The kernel the planners prepare for ``stored`` and activations of ``dtype``."""
+    return dispatch.plan(dispatch.KernelRequest(stored, bias, act_quant, dtype,
+                                                torch.device(device)))
 
 
 # rows, cols, bits, group, symmetric, round_zero, act-order, block_k, split_k.
@@ -186,15 +204,16 @@ def test_fp4_kernel_reduced_precision(case, dtype, device):
         (_int_weight(45, 96, 3, 32, False, True, True), "triton-int3"),
         (_int_weight(40, 70, 4, 64), "triton-int4"),
         (_block_weight(45, 96, preset("fp4_m2")), "triton-fp4"),
+        (_spqr_weight(37, 100), "triton-spqr"),
     ],
-    ids=["int3-actorder", "int4-ragged", "fp4-m2"],
+    ids=["int3-actorder", "int4-ragged", "fp4-m2", "spqr-actorder-outliers"],
 )
 def test_cuda_planner_kernel_matches_quant_linear(stored, path, device):
     """The prepared CUDA kernel (what dispatch attaches to a layer on a CUDA device) equals
     the layer's reference path, for leading batch dims and M = 17 (a 32-row tile)."""
     layer = QuantLinear(stored, torch.randn(stored.out_features))
-    layer.kernel = "reference"
-    kernel = dispatch.plan(stored, layer.bias, torch.float32, torch.device("cuda"))
+    layer.set_kernel_mode("reference")
+    kernel = _plan(stored, torch.float32, bias=layer.bias)
     assert kernel is not None and kernel.path == path
     assert set(kernel.state_dict()) == set()  # nothing of it is ever saved
     assert not kernel.accepts(torch.randn(2, stored.in_features))  # CPU inputs: CPU paths
@@ -204,7 +223,7 @@ def test_cuda_planner_kernel_matches_quant_linear(stored, path, device):
         torch.testing.assert_close(kernel(x.to(device)).cpu(), layer(x), rtol=1e-5, atol=1e-5)
     if CUDA:  # the dispatcher picks it on its own for CUDA inputs
         layer = layer.cuda()
-        layer.kernel = "auto"
+        layer.set_kernel_mode("auto")
         x = torch.randn(2, stored.in_features, device="cuda")
         torch.testing.assert_close(layer(x), kernel(x), rtol=0, atol=0)
         assert dispatch.path_name(layer) == path
@@ -215,12 +234,29 @@ def test_cuda_planners_decline_what_they_do_not_run():
     e5m2 = _block_weight(8, 32, BlockScaledConfig("fp4_e2m1", 16, "fp8_e5m2", "amax"))
     for stored in (mxfp8, e5m2):
         assert gpu_paths.fp4_scale_kind(stored) is None
-        assert dispatch.plan(stored, None, torch.float16, torch.device("cuda")) is None
+        assert _plan(stored, torch.float16) is None
     int4 = _int_weight(8, 32, 4, 16)
-    assert dispatch.plan(int4, None, torch.float64, torch.device("cuda")) is None
-    assert dispatch.plan(int4, None, torch.float32, torch.device("cpu")) is None  # unchanged
-    cuda_int4 = dispatch.plan(int4, None, torch.float16, torch.device("cuda"))
+    assert _plan(int4, torch.float64) is None
+    assert _plan(int4, torch.float32, "cpu") is None  # unchanged
+    cuda_int4 = _plan(int4, torch.float16)
     assert (cuda_int4 is not None) == HAS_TRITON
+
+
+def test_fp8_planner_comes_first_for_fp8_activations(monkeypatch):
+    """On a GPU with FP8 tensor cores (pretended here) a block-scaled M2 weight behind an FP8
+    activation quantizer gets the FP8 kernel before the Triton FP4 one; without activation
+    quantization (or with an integer one) the Triton kernel, as before."""
+    from lowbit.kernels import fp8_gpu
+    from lowbit.nn.act_quant import ActQuantizer
+
+    monkeypatch.setattr(fp8_gpu, "availability", lambda: (True, "pretend"))
+    monkeypatch.setattr(fp8_gpu.FP8Weight, "to", lambda self, device: self)  # stays on CPU
+    stored = _block_weight(32, 64, preset("fp4_m2"))
+    fp8 = _plan(stored, torch.bfloat16, act_quant=ActQuantizer("fp8_e4m3"))
+    assert fp8 is not None and fp8.path == "fp8" and fp8.quantizes_input
+    for act in (None, ActQuantizer("int8")):
+        kernel = _plan(stored, torch.bfloat16, act_quant=act)
+        assert (kernel and kernel.path) == ("triton-fp4" if HAS_TRITON else None)
 
 
 def test_importing_the_model_code_does_not_import_triton():
@@ -374,7 +410,7 @@ def test_gpu_kernel_speed_vs_fp16_matmul(fmt, shape, speed_table):
     w16 = stored.dequantize().half().cuda()
     stored = type(stored).from_stored(stored.meta(),
                                       {k: v.cuda() for k, v in stored.tensors().items()})
-    kernel = dispatch.plan(stored, None, torch.float16, torch.device("cuda"))
+    kernel = _plan(stored, torch.float16)
     assert kernel is not None and kernel.accepts(torch.empty(1, cols, dtype=torch.float16,
                                                              device="cuda"))
     weight_bytes = sum(t.numel() * t.element_size() for t in stored.tensors().values())

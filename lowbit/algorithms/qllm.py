@@ -227,7 +227,7 @@ def _quantize(config, ctx, name, weight, bias, reassembly, installed) -> QuantLi
     """Round ``weight`` (fp32 ``[R, C']``) into a QuantLinear and install it as ``name``."""
     quant = quantized_linear(config, weight, bias, reassembly)
     if config.correction:
-        quant.source_weight = weight  # fp32 [R, C'] the error correction merges into
+        quant.keep_calibration_weight(weight)  # fp32 [R, C'] the error correction merges into
     installed[name] = weight
     ctx.replace(name, quant)
     return quant

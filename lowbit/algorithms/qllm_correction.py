@@ -60,7 +60,7 @@ def correct_group(config, group, per_block: list[list[LayerReport]]) -> list[Lay
     """Train, merge and re-quantize the group's linears in place; their updated reports.
 
     ``group`` is the engine's :class:`~lowbit.engine.context.GroupContext`; every
-    QuantLinear in it carries ``source_weight`` (fp32 ``[R, C']``, set by QLLM's
+    QuantLinear in it carries ``calibration_weight`` (fp32 ``[R, C']``, kept by QLLM's
     ``apply_block``).
     """
     start = time.perf_counter()
@@ -113,7 +113,7 @@ def _wrap(config, group, generator) -> list[tuple[object, str, CorrectedLinear]]
     for ctx in group.blocks:
         for name in ctx.table.linear_names:
             quant = ctx.module(name)
-            if isinstance(quant, QuantLinear) and hasattr(quant, "source_weight"):
+            if isinstance(quant, QuantLinear) and quant.calibration_weight is not None:
                 wrapper = CorrectedLinear(quant, config.rank, config.alpha, generator)
                 ctx.replace(name, wrapper)
                 layers.append((ctx, name, wrapper))
@@ -149,5 +149,5 @@ def _merge(config, layers) -> None:
     """``W' + (alpha/r) B A`` re-quantized into a plain QuantLinear (no adapter left)."""
     for ctx, name, wrapper in layers:
         q = wrapper.quant
-        merged = q.source_weight + wrapper.delta()
+        merged = q.calibration_weight + wrapper.delta()
         ctx.replace(name, quantized_linear(config, merged, q.bias, q.reassembly))

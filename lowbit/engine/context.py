@@ -139,14 +139,14 @@ def dense_kernels(block: nn.Module) -> Iterator[None]:
     same block reuse them.
     """
     layers = [m for m in block.modules() if isinstance(m, QuantLinear)]
-    kernels = [m.kernel for m in layers]
+    modes = [m.kernel for m in layers]
     for m in layers:
-        m.kernel = "reference"
+        m.set_kernel_mode("reference")
     try:
         yield
     finally:
-        for m, kernel in zip(layers, kernels, strict=True):
-            m.kernel = kernel
+        for m, mode in zip(layers, modes, strict=True):
+            m.set_kernel_mode(mode)
 
 
 def drop_dense_caches(block: nn.Module) -> None:

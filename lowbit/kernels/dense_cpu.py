@@ -11,8 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.kernels.dispatch import Kernel
 
-class DenseLinear(nn.Module):
+REDUCED = (torch.bfloat16, torch.float16)  # the activation dtypes this path takes
+
+
+class DenseLinear(Kernel):
     """``y = x W^T + b`` with ``W`` ``[N, K]`` held in the activation dtype (input column order).
 
     Buffers (non-persistent): ``weight`` ``[N, K]``, ``bias`` ``[N]`` or None.

@@ -8,9 +8,12 @@ number for ``-8 <= d <= 6``. :func:`fp8_weight` builds that form and checks it b
 is quantized per token (or per tensor) to FP8 with the same scales as the simulated path, and
 ``torch._scaled_mm`` multiplies with row-wise scales, fp32 accumulation and bf16 output.
 
-Imported lazily (by :class:`~lowbit.nn.quant_linear.QuantLinear` for CUDA inputs only); without
-a capable GPU :func:`linear` returns ``None`` and the layer runs the simulated path: nothing is
-ever emulated here and called real.
+:func:`plan_fp8` is the first CUDA planner for block-scaled weights
+(:mod:`lowbit.kernels.gpu_paths`): for a layer with an FP8 activation quantizer it gives an
+:class:`FP8Linear` (path ``fp8``), which takes the layer's input before activation quantization
+and quantizes it itself. Without a capable GPU, or for a weight that is not exactly FP8, it
+answers None and the layer runs the simulated path (activation fake-quant, then the next
+planner's kernel or the reference): nothing is ever emulated here and called real.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 from lowbit.formats.codecs import stored_weight_from
 from lowbit.formats.element import get_format
 from lowbit.formats.fp import FloatFormat
+from lowbit.kernels import dispatch
+from lowbit.kernels.dispatch import Kernel, KernelRequest
 
 log = logging.getLogger(__name__)
 
@@ -110,21 +115,51 @@ def fp8_matmul(
     return y.reshape(*lead, -1)
 
 
+class FP8Linear(Kernel):
+    """``Q(x) W^T + b`` through :func:`fp8_matmul` for CUDA inputs on the weight's device.
+
+    Its tensors are plain attributes, not buffers (never saved, and left alone by a dtype cast
+    of the model: the layer re-plans when its buffers move): ``weight`` an :class:`FP8Weight`,
+    ``act_quant`` the layer's FP8 activation quantizer (the layer's submodule, not this one's),
+    ``bias`` the layer's bias or None.
+    """
+
+    path = "fp8"
+    quantizes_input = True
+    frees_reference_cache = False  # a per-call path before; it never replaced the cache
+
+    def __init__(self, weight: FP8Weight, act, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.__dict__["act_quant"] = act  # not registered: the layer owns (and saves) it
+        self.bias = bias
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and x.device == self.weight.weight.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K]`` (not yet quantized) -> ``[..., N]`` in ``x.dtype``."""
+        return fp8_matmul(x, self.act_quant, self.weight, self.bias)
+
+
+def plan_fp8(request: KernelRequest) -> FP8Linear | None:
+    """The FP8 kernel for a layer with an FP8 activation quantizer on a capable GPU whose weight
+    is exactly FP8 (see :func:`fp8_weight`), K and N multiples of 16; else None."""
+    act, stored = request.act_quant, request.stored
+    if act is None or act.fmt not in TORCH_FP8 or request.device.type != "cuda":
+        return None
+    if not availability()[0] or stored.in_features % 16 or stored.out_features % 16:
+        return None
+    tensors = {name: t.cpu() for name, t in stored.tensors().items()}
+    prepared = fp8_weight(stored_weight_from(stored.meta(), tensors))
+    if prepared is None:
+        log.info("weight of kind %s is not exactly FP8: simulated path", stored.meta())
+        return None
+    return FP8Linear(prepared.to(request.device), act, request.bias)
+
+
 def linear(module, x: torch.Tensor) -> torch.Tensor | None:
-    """The FP8 product for a QuantLinear ``module`` on a capable GPU, else ``None``."""
-    act = module.act_quant
-    if act is None or act.fmt not in TORCH_FP8 or not x.is_cuda or not availability()[0]:
-        return None
-    if module.in_features % 16 or module.out_features % 16:
-        return None
-    cached = module.__dict__.get("_fp8_cache")
-    if cached is None or cached[0] != x.device:
-        tensors = {n: getattr(module, n).cpu() for n in module.tensor_names}
-        prepared = fp8_weight(stored_weight_from(module.weight_meta, tensors))
-        if prepared is None:
-            log.info("weight of kind %s is not exactly FP8: simulated path", module.weight_meta)
-        cached = (x.device, None if prepared is None else prepared.to(x.device))
-        module.__dict__["_fp8_cache"] = cached
-    if cached[1] is None:
-        return None
-    return fp8_matmul(x, act, cached[1], module.bias)
+    """The FP8 product for a QuantLinear ``module`` on a capable GPU, else ``None``: the kernel
+    :func:`plan_fp8` gives, built afresh (the layer keeps nothing)."""
+    kernel = plan_fp8(dispatch.request_for(module, x.dtype, x.device))
+    return kernel(x) if kernel is not None and kernel.accepts(x) else None

@@ -1,6 +1,11 @@
-"""Which CUDA kernel each stored-weight format gets (planners registered for device ``cuda``).
+"""Which CUDA kernel each stored-weight format gets (the planners registered for device
+``cuda``, in the order registered here).
 
-When triton can be imported, for fp16/bf16/fp32 activations on a CUDA device:
+For layers with an FP8 activation quantizer on a GPU with FP8 tensor cores (sm_89+), a
+block-scaled weight that is exactly an FP8 matrix times a row scale (ZeroQuant-FP M1/M2):
+``fp8`` (:mod:`lowbit.kernels.fp8_gpu`, ``torch._scaled_mm``; it quantizes the input itself).
+
+Otherwise, when triton can be imported, for fp16/bf16/fp32 activations on a CUDA device:
 
 - ``int`` (:class:`~lowbit.formats.packed_int.PackedIntWeight`), 2-8 bits (INT4, INT3 streams,
   ...), any group size (ragged last group) or one group per row, symmetric or asymmetric
@@ -9,24 +14,27 @@ When triton can be imported, for fp16/bf16/fp32 activations on a CUDA device:
 - ``block`` (:class:`~lowbit.formats.packed_block.PackedBlockWeight`) with FP4 E2M1 elements
   and fp32/fp16/bf16 block scales (ZeroQuant-FP "none"), E8M0 scales (M1, MX), M2 (per-row
   real scale times E8M0 ratios) or FP8 E4M3 scales with a tensor scale (NVFP4): ``triton-fp4``
-  (:mod:`lowbit.kernels.triton.fp4_block`).
+  (:mod:`lowbit.kernels.triton.fp4_block`);
+- ``spqr`` (:class:`~lowbit.formats.spqr_weight.SpQRWeight`), any activation dtype:
+  ``triton-spqr`` (:mod:`lowbit.kernels.triton.spqr`).
 
-Anything else gets no prepared kernel on CUDA (SpQR keeps its per-call Triton path; other
-formats the reference). The kernels read the layer's own packed buffers (shared, not copied);
-only the act-order permutation is widened to int64 once. Importing this module does not import
-triton (the kernel modules load on the first call); QuantLinear imports it.
+Anything else gets no prepared kernel on CUDA (the reference). The Triton kernels read the
+layer's own packed buffers (shared, not copied); only the act-order permutation is widened to
+int64 once. Importing this module does not import triton (the kernel modules load on the first
+call); QuantLinear imports it.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from lowbit.formats.intfmt import DtypeFormat
 from lowbit.formats.packed_block import PackedBlockWeight
 from lowbit.formats.packed_int import PackedIntWeight
-from lowbit.kernels import dispatch
+from lowbit.formats.spqr_weight import SpQRWeight
+from lowbit.kernels import dispatch, fp8_gpu
 from lowbit.kernels import triton as triton_kernels
+from lowbit.kernels.dispatch import Kernel
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WEIGHTS = 2**31 - 1  # the kernels index codes with int32
@@ -38,7 +46,7 @@ def _runs(stored, dtype: torch.dtype) -> bool:
             and stored.out_features * stored.in_features <= MAX_WEIGHTS)
 
 
-class TritonLinear(nn.Module):
+class TritonLinear(Kernel):
     """``y = x W^T + b`` for inputs on the weight's CUDA device, through a Triton kernel.
 
     Buffers (non-persistent, never saved): the stored weight's tensors (the layer's own),
@@ -128,20 +136,54 @@ def fp4_scale_kind(stored: PackedBlockWeight) -> str | None:
     return None
 
 
-def plan_int(stored: PackedIntWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+class TritonSpQRLinear(TritonLinear):
+    """SpQR weight; see :func:`lowbit.kernels.triton.spqr.spqr_matmul` (fp32 result, then the
+    bias in fp32, then ``x.dtype``)."""
+
+    path = "triton-spqr"
+    frees_reference_cache = False  # a per-call path before; it never replaced the cache
+
+    def __init__(self, stored, bias: torch.Tensor | None) -> None:
+        super().__init__(stored, bias)
+        self.meta = stored.meta()
+        self.names = tuple(n for n in stored.tensors() if n != "perm")
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and x.device == self.qweight.device
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, K]`` in stored column order -> ``[M, N]`` in ``x.dtype``."""
+        from lowbit.kernels.triton.spqr import spqr_matmul
+
+        y = spqr_matmul(x, self.meta, {n: getattr(self, n) for n in self.names})
+        if self.bias is not None:
+            y += self.bias.float()
+        return y.to(x.dtype)
+
+
+def plan_int(request: dispatch.KernelRequest):
     """``triton-int<bits>`` for any integer weight, or None (no triton, more than 2**31 - 1
     weights)."""
-    return TritonIntLinear(stored, bias) if _runs(stored, dtype) else None
+    stored = request.stored
+    return TritonIntLinear(stored, request.bias) if _runs(stored, request.dtype) else None
 
 
-def plan_block(stored: PackedBlockWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+def plan_block(request: dispatch.KernelRequest):
     """``triton-fp4`` for FP4 E2M1 block-scaled weights, or None (other elements or scale
     formats, no triton, more than 2**31 - 1 weights)."""
-    if not _runs(stored, dtype):
+    stored = request.stored
+    if not _runs(stored, request.dtype):
         return None
     kind = fp4_scale_kind(stored)
-    return None if kind is None else TritonFP4Linear(stored, bias, kind)
+    return None if kind is None else TritonFP4Linear(stored, request.bias, kind)
+
+
+def plan_spqr(request: dispatch.KernelRequest):
+    """``triton-spqr`` for any SpQR weight when triton can be imported, else None."""
+    return TritonSpQRLinear(request.stored, request.bias) if triton_kernels.available() else None
 
 
 dispatch.register_planner(PackedIntWeight.kind, plan_int, device="cuda")
+dispatch.register_planner(PackedBlockWeight.kind, fp8_gpu.plan_fp8, device="cuda")  # first
 dispatch.register_planner(PackedBlockWeight.kind, plan_block, device="cuda")
+dispatch.register_planner(SpQRWeight.kind, plan_spqr, device="cuda")

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit.kernels.dispatch import Kernel
+
 OP_GROUPS = (256, 128, 64, 32)
 ROW_ALIGN = 16
 MID_CODE = 8
@@ -89,7 +91,7 @@ def _row_bytes(cols: int, op_group: int) -> int:
     return op_cols // 2 + 4 * (op_cols // op_group)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(Kernel):
     """``y = x W^T + b`` through the int4pack op (bf16 activations on CPU).
 
     Buffers (non-persistent: derived from the stored weight, never saved):

@@ -17,12 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.kernels.dispatch import Kernel
 from lowbit.kernels.int4_cpu import unpermute_columns
 
 K_ALIGN = 32
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(Kernel):
     """``y = x W^T + b`` with ``W = s * w8 - o 1^T`` through the int8pack op.
 
     Buffers (non-persistent):

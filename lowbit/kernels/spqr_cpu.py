@@ -1,47 +1,34 @@
-"""CPU fast path for SpQR linears: ``y = x W^T`` straight from the packed buffers.
+"""CPU kernels for SpQR linears, chosen by the planners registered in
+:mod:`lowbit.kernels.cpu_paths`.
 
-The input is permuted once into stored column order; the dense part is unpacked and
-dequantized group-wise in row tiles that stay in cache (vectorised bit extraction, then
-``(q - z) * s`` per group) and multiplied tile by tile; the outliers are one sparse CSR
-matmul (``torch.sparse_csr``) added to the result. No fp32 copy of the weight is kept: the only
-state cached on the module is the decoded statistics (``2 x R x C / beta1`` floats), the
-permutation as int64 and the CSR tensor.
+fp32 activations (:func:`plan_spqr_tiled`, path ``spqr-tiled``): ``y = x W^T`` straight from the
+packed buffers. The input is permuted once into stored column order; the dense part is unpacked
+and dequantized group-wise in row tiles that stay in cache (vectorised bit extraction, then
+``(q - z) * s`` per group) and multiplied tile by tile; the outliers are one sparse CSR matmul
+(``torch.sparse_csr``) added to the result. No fp32 copy of the weight is kept: the kernel holds
+the decoded statistics (``2 x R x C / beta1`` floats), the permutation as int64 and the CSR
+tensor, next to the layer's own packed codes.
 
-Registered for stored-weight kind ``"spqr"`` with
-:func:`lowbit.kernels.dispatch.register_fast_path` when this module is imported (importing
-:mod:`lowbit.algorithms` does it).
-
-For bf16 activations a prepared kernel replaces it (:func:`plan_spqr`, registered with
-:func:`lowbit.kernels.dispatch.register_planner`): the dense part of a 2-4 bit weight goes
-through torch's int4pack op (:mod:`lowbit.kernels.int4_cpu`; SpQR's 16-column groups each fill
-half of a 32-column op group) and the outliers are added by one fp32 sparse CSR matmul
-(:class:`SparseAdd`).
+bf16 activations (:func:`plan_spqr`, path ``spqr-int4``): the dense part of a 2-4 bit weight
+goes through torch's int4pack op (:mod:`lowbit.kernels.int4_cpu`; SpQR's 16-column groups each
+fill half of a 32-column op group) and the outliers are added by one fp32 sparse CSR matmul
+(:class:`SparseAdd`). Other bf16 and all fp16 weights get the ``dense`` planner.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from math import gcd
 
 import torch
 from torch import nn
 
 from lowbit.kernels import dispatch
-from lowbit.kernels import triton as triton_kernels
+from lowbit.kernels.dense_cpu import REDUCED
+from lowbit.kernels.dispatch import Kernel
 from lowbit.kernels.int4_cpu import Int4Linear, build_int4
 
 TILE_WEIGHTS = 1 << 18  # weights dequantized per tile (int32 codes + fp32 values: 2 MiB)
-
-
-@dataclass
-class _Prepared:
-    key: tuple
-    scale: torch.Tensor  # fp32 [R, n]
-    zero: torch.Tensor  # fp32 [R, n]
-    perm: torch.Tensor | None  # int64 [C]
-    outliers: torch.Tensor | None  # sparse CSR fp32 [R, C] (stored column order)
-    tile_rows: int
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, rows: int, cols: int) -> torch.Tensor:
@@ -65,33 +52,6 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int, cols: int) -> torch.
     return codes.reshape(-1)[: rows * cols].to(torch.int32).view(rows, cols)
 
 
-def _prepare(module: torch.nn.Module) -> _Prepared:
-    key = (module.qweight.data_ptr(), module.outlier_values.data_ptr(), module.qweight.device)
-    cached = getattr(module, "_spqr_cpu", None)
-    if cached is not None and cached.key == key:
-        return cached
-    stored = module.stored_weight()
-    scale, zero = stored.statistics()
-    rows, cols = stored.out_features, stored.in_features
-    outliers = None
-    if stored.outlier_count:
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            outliers = torch.sparse_csr_tensor(
-                stored.outlier_rowptr,
-                stored.outlier_cols.to(torch.int32),
-                stored.outlier_values.float(),
-                (rows, cols),
-                check_invariants=True,
-            )
-    align = 8 // gcd(cols, 8)  # tiles must start on a byte-aligned chunk of 8 codes
-    tile_rows = max(align, TILE_WEIGHTS // cols // align * align)
-    perm = None if stored.perm is None else stored.perm.long()
-    prepared = _Prepared(key, scale, zero, perm, outliers, tile_rows)
-    module._spqr_cpu = prepared
-    return prepared
-
-
 def dequantize_tile(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, beta1: int
 ) -> torch.Tensor:
@@ -106,32 +66,90 @@ def dequantize_tile(
     return (codes - z).mul_(s)
 
 
-def spqr_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """``x [..., C] -> [..., R]`` for a SpQR QuantLinear on CPU; None if it does not apply."""
-    if x.device.type != "cpu" or not x.is_floating_point() or x.dtype == torch.float64:
+class SpQRTiledLinear(Kernel):
+    """``y = x W^T + b`` for CPU inputs (any floating dtype but fp64, computed in fp32), the
+    dense part decoded from the packed codes in row tiles of ``tile_rows`` rows.
+
+    Buffers (non-persistent): ``qweight`` (the layer's packed codes, shared), ``scale`` and
+    ``zero`` fp32 ``[R, n]``, ``perm`` int64 ``[C]`` or None, ``outliers`` sparse CSR fp32
+    ``[R, C]`` in stored column order or None, ``bias`` (the layer's) or None.
+    """
+
+    path = "spqr-tiled"
+    frees_reference_cache = False  # never built it; reference mode may still want it
+
+    def __init__(self, stored, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        scale, zero = stored.statistics()
+        rows, cols = stored.out_features, stored.in_features
+        outliers = None
+        if stored.outlier_count:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                outliers = torch.sparse_csr_tensor(
+                    stored.outlier_rowptr,
+                    stored.outlier_cols.to(torch.int32),
+                    stored.outlier_values.float(),
+                    (rows, cols),
+                    check_invariants=True,
+                )
+        align = 8 // gcd(cols, 8)  # tiles must start on a byte-aligned chunk of 8 codes
+        self.tile_rows = max(align, TILE_WEIGHTS // cols // align * align)
+        self.in_features, self.out_features = cols, rows
+        self.bits, self.beta1 = stored.bits, stored.beta1
+        perm = None if stored.perm is None else stored.perm.long()
+        self.register_buffer("qweight", stored.qweight, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("zero", zero, persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("outliers", outliers, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.is_floating_point() and x.dtype != torch.float64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., C]`` -> ``[..., R]`` in ``x.dtype``."""
+        rows, cols, bits = self.out_features, self.in_features, self.bits
+        lead = x.shape[:-1]
+        xt = x.reshape(-1, cols).float()
+        if self.perm is not None:
+            xt = xt[:, self.perm]
+        xt = xt.t()  # [C, M]
+        out = torch.empty(rows, xt.shape[1])
+        for r0 in range(0, rows, self.tile_rows):
+            r1 = min(r0 + self.tile_rows, rows)
+            b0, b1 = r0 * cols * bits // 8, -(-(r1 * cols) // 8) * bits
+            codes = unpack_rows(self.qweight[b0:b1], bits, r1 - r0, cols)
+            w = dequantize_tile(codes, self.scale[r0:r1], self.zero[r0:r1], self.beta1)
+            torch.mm(w, xt, out=out[r0:r1])
+        if self.outliers is not None:
+            out += self.outliers @ xt
+        y = out.t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.reshape(*lead, rows).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, tiles of {self.tile_rows} rows"
+
+
+def plan_spqr_tiled(request: dispatch.KernelRequest) -> SpQRTiledLinear | None:
+    """The tiled kernel for CPU activations that get no reduced-precision kernel (fp32; not
+    fp64, not bf16/fp16, which the ``spqr-int4`` and ``dense`` planners take), else None."""
+    dtype = request.dtype
+    if (request.device.type != "cpu" or not dtype.is_floating_point or dtype == torch.float64
+            or dtype in REDUCED):
         return None
-    prep = _prepare(module)
-    meta = module.weight_meta
-    rows, cols, bits, beta1 = meta["out_features"], meta["in_features"], meta["bits"], meta["beta1"]
-    lead = x.shape[:-1]
-    xt = x.reshape(-1, cols).float()
-    if prep.perm is not None:
-        xt = xt[:, prep.perm]
-    xt = xt.t()  # [C, M]
-    out = torch.empty(rows, xt.shape[1])
-    packed = module.qweight
-    for r0 in range(0, rows, prep.tile_rows):
-        r1 = min(r0 + prep.tile_rows, rows)
-        b0, b1 = r0 * cols * bits // 8, -(-(r1 * cols) // 8) * bits
-        codes = unpack_rows(packed[b0:b1], bits, r1 - r0, cols)
-        w = dequantize_tile(codes, prep.scale[r0:r1], prep.zero[r0:r1], beta1)
-        torch.mm(w, xt, out=out[r0:r1])
-    if prep.outliers is not None:
-        out += prep.outliers @ xt
-    y = out.t()
-    if module.bias is not None:
-        y = y + module.bias.float()
-    return y.reshape(*lead, rows).to(x.dtype)
+    return SpQRTiledLinear(request.stored, request.bias)
+
+
+def spqr_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``x [..., C] -> [..., R]`` for a SpQR QuantLinear through a freshly built
+    :class:`SpQRTiledLinear` (the layer keeps nothing); None for inputs it does not take
+    (not on CPU, fp64). The dispatcher plans the same kernel once per layer."""
+    kernel = plan_spqr_tiled(dispatch.request_for(module, torch.float32, x.device))
+    return kernel(x) if kernel is not None and kernel.accepts(x) else None
 
 
 @torch.library.custom_op("lowbit::csr_add_matmul", mutates_args=())
@@ -183,7 +201,7 @@ class SparseAdd(nn.Module):
         return csr_add_matmul(y, self.crow, self.col, self.values, x2, self.rows, self.cols)
 
 
-class SpQRInt4Linear(nn.Module):
+class SpQRInt4Linear(Kernel):
     """SpQR weight as an :class:`~lowbit.kernels.int4_cpu.Int4Linear` (dense part, no bias)
     plus a :class:`SparseAdd` of the outliers (None without outliers) plus the bias."""
 
@@ -211,13 +229,14 @@ class SpQRInt4Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
-def plan_spqr(stored, bias: torch.Tensor | None, dtype: torch.dtype) -> SpQRInt4Linear | None:
+def plan_spqr(request: dispatch.KernelRequest) -> SpQRInt4Linear | None:
     """The int4pack kernel for a 2-4 bit SpQR weight and bf16 activations, else None."""
-    if dtype != torch.bfloat16 or stored.bits > 4:
+    stored, bias = request.stored, request.bias
+    if request.dtype != torch.bfloat16 or stored.bits > 4:
         return None
     scale, zero = stored.statistics()
     codes, bits = stored.codes(), stored.bits
-    dense = build_int4(codes, bits, scale, zero, stored.beta1, stored.perm, None, dtype)
+    dense = build_int4(codes, bits, scale, zero, stored.beta1, stored.perm, None, request.dtype)
     if dense is None:
         return None
     sparse = None
@@ -229,10 +248,4 @@ def plan_spqr(stored, bias: torch.Tensor | None, dtype: torch.dtype) -> SpQRInt4
             cols, values = cols[order], values[order]
         sparse = SparseAdd(stored.out_features, stored.in_features, stored.outlier_rowptr, cols,
                            values)
-    return SpQRInt4Linear(dense, sparse, None if bias is None else bias.detach().to(dtype))
-
-
-dispatch.register_fast_path("spqr", spqr_linear)
-dispatch.register_planner("spqr", plan_spqr)
-# CUDA inputs: the Triton kernels (imported on first use; None without triton)
-dispatch.register_fast_path("spqr", triton_kernels.spqr_fast_path)
+    return SpQRInt4Linear(dense, sparse, None if bias is None else bias.detach().to(request.dtype))

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from lowbit.formats.codecs import StoredWeight, stored_weight_from
-from lowbit.kernels import cpu_paths as _cpu_paths  # noqa: F401  (registers the CPU fast paths)
+from lowbit.kernels import cpu_paths as _cpu_paths  # noqa: F401  (registers the CPU planners)
 from lowbit.kernels import dispatch
-from lowbit.kernels import gpu_paths as _gpu_paths  # noqa: F401  (registers the CUDA kernels)
+from lowbit.kernels import gpu_paths as _gpu_paths  # noqa: F401  (registers the CUDA planners)
 from lowbit.nn.act_quant import ActQuantizer
 from lowbit.nn.lowrank import LowRank
 from lowbit.nn.reassembly import ChannelReassembly
@@ -20,11 +20,18 @@ class QuantLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` held as a stored low-bit weight.
 
     The stored weight's tensors are buffers (so they are what ``state_dict`` saves). The matmul
-    is chosen by :mod:`lowbit.kernels.dispatch`: for bf16/fp16 activations on CPU a prepared
-    kernel (``self.fast``: int4/int8 ops on repacked codes, or a weight dequantized once into
-    the activation dtype; non-persistent, never saved) is attached at load time or on the
-    first call; otherwise the reference path caches the dequantized fp32 weight
-    ``[out_features, in_features]`` (drop it with :meth:`drop_cache`), also never saved.
+    is chosen by :mod:`lowbit.kernels.dispatch` (registered planners, one mechanism): in kernel
+    mode ``auto`` a *prepared kernel* (int4/int8 ops on repacked codes, a weight dequantized
+    once into the activation dtype, SpQR's tiled fp32 path, a Triton or FP8 GPU kernel) is
+    attached at load time or on the first call with a new activation dtype/device; otherwise,
+    or when none applies, the reference path caches the dequantized fp32 weight
+    ``[out_features, in_features]`` (drop it with :meth:`drop_cache`).
+
+    Run-time state, declared in ``__init__``, written only by this class's methods (which the
+    dispatcher and the algorithms call) and never saved: the kernel mode
+    (:meth:`set_kernel_mode`), the prepared kernel and the key it was planned for
+    (:meth:`attach_kernel`), the reference cache, and QLLM's calibration weight
+    (:meth:`keep_calibration_weight`).
 
     Optional add-ons (submodules, saved with the layer): ``act_quant`` quantizes the input
     before the matmul (W4A8, W8A8); ``lowrank`` adds ``(x V^T) U^T`` computed from the
@@ -32,6 +39,13 @@ class QuantLinear(nn.Module):
     (QLLM) first maps the input's ``C`` channels to the stored weight's ``C'`` columns
     (``x -> R(x)``, applied before the other add-ons); ``in_features`` is then ``C``.
     """
+
+    # run-time state (see __init__); none of it is in state_dict
+    kernel: str
+    fast: dispatch.Kernel | None
+    fast_key: tuple | None
+    calibration_weight: torch.Tensor | None
+    _dequantized: torch.Tensor | None
 
     def __init__(
         self,
@@ -54,8 +68,20 @@ class QuantLinear(nn.Module):
         for name, tensor in weight.tensors().items():
             self.register_buffer(name, tensor)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self._dequantized: torch.Tensor | None = None
-        self.kernel = "auto"  # or "reference": always dequantize-and-matmul
+        # run-time state, never saved:
+        # kernel mode: "auto" (the prepared kernel when it accepts the input) or "reference"
+        # (always dequantize-and-matmul)
+        self.kernel = "auto"
+        # the prepared kernel (a submodule with non-persistent buffers), or None: the reference
+        self.register_module("fast", None)
+        # (activation dtype, device type, address of the first stored tensor) ``fast`` was
+        # planned for; None until planned. A different key re-plans (outside torch.compile).
+        self.fast_key = None
+        # fp32 [out_features, C']: the reference path's dequantized weight, built on first use
+        self._dequantized = None
+        # fp32 [out_features, C']: QLLM's unrounded weight, which its error correction merges
+        # its low-rank update into and re-quantizes; None when absent
+        self.calibration_weight = None
         self.act_quant = act_quant
         self.lowrank = lowrank
         self.reassembly = reassembly
@@ -113,6 +139,27 @@ class QuantLinear(nn.Module):
     def drop_cache(self) -> None:
         self._dequantized = None
 
+    def set_kernel_mode(self, mode: str) -> None:
+        """``auto`` (the prepared kernel where it applies) or ``reference`` (always
+        dequantize-and-matmul, the oracle)."""
+        if mode not in dispatch.MODES:
+            raise ValueError(f"kernel mode must be one of {dispatch.MODES}, got {mode!r}")
+        self.kernel = mode
+
+    def attach_kernel(self, kernel: dispatch.Kernel | None, key: tuple) -> None:
+        """Keep ``kernel`` (None: the reference) as planned for ``key`` (see
+        :func:`lowbit.kernels.dispatch.prepare`); drops the fp32 dequantized cache when the
+        kernel replaces it."""
+        self.fast = kernel
+        self.fast_key = key
+        if kernel is not None and kernel.frees_reference_cache:
+            self.drop_cache()
+
+    def keep_calibration_weight(self, weight: torch.Tensor) -> None:
+        """Keep fp32 ``weight`` ``[out_features, C']`` (not saved) for a later calibration
+        step: QLLM's error correction merges into it."""
+        self.calibration_weight = weight
+
     def bits_per_weight(self) -> float:
         """Stored bits per weight of the ``out_features x in_features`` layer: the stored weight,
         plus low-rank factors, a static activation scale and reassembly indices when present
@@ -129,14 +176,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reassembly is not None:
             x = self.reassembly(x)
-        y = None
-        if self.act_quant is not None and x.is_cuda and self.kernel == "auto":
-            from lowbit.kernels import fp8_gpu  # real FP8 matmul where the hardware has it
-
-            y = fp8_gpu.linear(self, x)
-        if y is None:
-            xq = x if self.act_quant is None else self.act_quant(x)
-            y = dispatch.linear(self, xq, self.kernel)
+        y = dispatch.linear(self, x)  # quantizes x first when the layer has act_quant
         if self.lowrank is not None:
             y = y + self.lowrank(x).to(y.dtype)
         return y

@@ -170,16 +170,3 @@ def spqr_matmul(
         )
     return y
 
-
-def spqr_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x [..., C] -> [..., R]`` in ``x.dtype`` for a SpQR QuantLinear on the GPU."""
-    meta = module.weight_meta
-    tensors = {name: getattr(module, name) for name in module.tensor_names}
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, meta["in_features"])
-    if "perm" in tensors:
-        x2 = x2[:, tensors["perm"].long()]
-    y = spqr_matmul(x2, meta, tensors)
-    if module.bias is not None:
-        y += module.bias.float()
-    return y.reshape(*lead, meta["out_features"]).to(x.dtype)
