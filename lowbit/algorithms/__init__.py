@@ -1,8 +1,14 @@
-"""One module per method; importing this package registers them all."""
+"""One module per method; importing this package imports every module in it, which registers
+every method (a new method is one new file here: see docs/DESIGN.md, "Adding a method")."""
 
-from lowbit.algorithms import gptq, lrqat, qllm, rtn, smoothquant, spqr, zqfp  # noqa: F401
+import importlib
+import pkgutil
+
 from lowbit.core.config import MethodConfig
 from lowbit.core.method import Method, method_named, registered
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def methods() -> dict[str, Method]:
