@@ -23,6 +23,7 @@ from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
 from lowbit.formats.blockscale import BlockQuantized, BlockScaledConfig, BlockScales, compute_scales
 from lowbit.formats.element import get_format
+from lowbit.formats.granularity import PerChannel, PerTensor, group_width
 from lowbit.formats.intq import IntGrid, dequantize, minmax_params, pad_to_groups, quantize
 from lowbit.formats.packed_int import PackedIntWeight
 
@@ -178,9 +179,10 @@ class BlockColumns:
     """
 
     def __init__(self, cfg: BlockScaledConfig, weight: torch.Tensor) -> None:
-        if cfg.group_size == 0 or cfg.tensor_scale:
+        if isinstance(cfg.granularity, PerTensor) or cfg.tensor_scale:
             raise LowbitError(
-                "GPTQ on block-scaled formats needs group_size > 0 or -1 and no tensor scale"
+                "GPTQ on block-scaled formats needs groups or per-channel scales and no tensor "
+                "scale"
             )
         self.cfg, self.elem = cfg, cfg.element_format
         self.rows, self.cols = weight.shape
@@ -192,7 +194,7 @@ class BlockColumns:
         self.scale: torch.Tensor | None = None
 
     def group_width(self, cols: int) -> int:
-        return cols if self.cfg.group_size == -1 else self.cfg.group_size
+        return group_width(self.cfg.granularity, cols)
 
     def _store(self, g: int, codes: torch.Tensor) -> None:
         if self.scales is None:
@@ -210,12 +212,13 @@ class BlockColumns:
 
     def fit_group(self, g: int, window: torch.Tensor) -> None:
         if self.row_scales is None:
-            block = compute_scales(window, replace(self.cfg, group_size=-1))
+            block = compute_scales(window, replace(self.cfg, granularity=PerChannel()))
             self._store(g, block.scales)
             self.scale = block.effective()
             return
         r = self.row_scales.float()[:, None]
-        ratio_cfg = replace(self.cfg, group_size=-1, scale_format="e8m0", scale_rule="m1")
+        ratio_cfg = replace(self.cfg, granularity=PerChannel(), scale_format="e8m0",
+                            scale_rule="m1")
         codes = compute_scales(window / r, ratio_cfg).scales
         zero = window.abs().amax(dim=1, keepdim=True) == 0
         codes = torch.where(zero, torch.full_like(codes, 127), codes)  # m2's 2**0 for zeros

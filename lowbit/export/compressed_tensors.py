@@ -49,6 +49,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.export import hf_folder
 from lowbit.export.provenance import provenance
+from lowbit.formats.granularity import Group, PerTensor
 from lowbit.formats.packed_block import PackedBlockWeight
 from lowbit.formats.packed_int import PackedIntWeight
 from lowbit.formats.packing import pack_codes
@@ -113,14 +114,15 @@ def _int_layer(name: str, w: PackedIntWeight) -> tuple[dict, dict[str, torch.Ten
     if not grid.symmetric and not grid.round_zero:
         raise _refuse(name, "real-valued (unrounded) zero points")
     cols = w.in_features
-    if grid.group_size != -1 and cols % grid.group_size:
-        raise _refuse(name, f"a ragged last group ({cols} columns, group {grid.group_size})")
+    group = grid.granularity.size if isinstance(grid.granularity, Group) else None
+    if group is not None and cols % group:
+        raise _refuse(name, f"a ragged last group ({cols} columns, group {group})")
     args = {
         "num_bits": grid.bits,
         "type": "int",
         "symmetric": grid.symmetric,
-        "strategy": "channel" if grid.group_size == -1 else "group",
-        "group_size": None if grid.group_size == -1 else grid.group_size,
+        "strategy": "channel" if group is None else "group",
+        "group_size": group,
         "dynamic": False,
         "actorder": None,
     }
@@ -142,19 +144,21 @@ def _block_layer(
     rows, cols = w.out_features, w.in_features
     scales = w.block_scales()
     float_scale = cfg.scale_format in _SCALE_DTYPES
+    group = cfg.granularity.size if isinstance(cfg.granularity, Group) else None
     if cfg.element == "fp8_e4m3" and cfg.scale_rule == "amax" and float_scale:
-        if cfg.group_size > 0 and cols % cfg.group_size:
-            raise _refuse(name, f"a ragged last group ({cols} columns, group {cfg.group_size})")
-        strategy = {0: "tensor", -1: "channel"}.get(cfg.group_size, "group")
+        if group is not None and cols % group:
+            raise _refuse(name, f"a ragged last group ({cols} columns, group {group})")
+        strategy = "tensor" if isinstance(cfg.granularity, PerTensor) else (
+            "channel" if group is None else "group")
         args = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy,
-                "group_size": cfg.group_size if cfg.group_size > 0 else None, "dynamic": False}
+                "group_size": group, "dynamic": False}
         scale = scales.effective().to(_SCALE_DTYPES[cfg.scale_format])
         tensors = {"weight": w.codes().view(torch.float8_e4m3fn),
                    "weight_scale": scale.reshape(1) if strategy == "tensor" else scale}
         return args, tensors, "float-quantized"
     if cfg.element == "fp4_e2m1" and cols % 2 == 0:
         packed = w.qweight.view(rows, cols // 2)  # two codes a byte, first in the low nibble
-        if (cfg.group_size, cfg.scale_format, cfg.scale_rule, cfg.tensor_scale) == (
+        if (group, cfg.scale_format, cfg.scale_rule, cfg.tensor_scale) == (
             16, "fp8_e4m3", "amax", True
         ):
             args = {"num_bits": 4, "type": "float", "symmetric": True, "dynamic": False,
@@ -163,7 +167,7 @@ def _block_layer(
             tensors = {"weight_packed": packed, "weight_scale": w.scales.view(torch.float8_e4m3fn),
                        "weight_global_scale": w.tensor_scale.float().reshape(1)}
             return args, tensors, "nvfp4-pack-quantized"
-        if (cfg.group_size, cfg.scale_format) == (32, "e8m0") and cfg.scale_rule in ("mx", "m1"):
+        if (group, cfg.scale_format) == (32, "e8m0") and cfg.scale_rule in ("mx", "m1"):
             args = {"num_bits": 4, "type": "float", "symmetric": True, "dynamic": False,
                     "strategy": "group", "group_size": 32,
                     "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
@@ -172,7 +176,7 @@ def _block_layer(
             )
     raise _refuse(
         name,
-        f"block-scaled {cfg.element} weights with group {cfg.group_size}, {cfg.scale_format} "
+        f"block-scaled {cfg.element} weights {cfg.granularity.describe()}, {cfg.scale_format} "
         f"scales by rule '{cfg.scale_rule}'" + (" and a tensor scale" if cfg.tensor_scale else ""),
     )
 

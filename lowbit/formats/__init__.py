@@ -1,5 +1,9 @@
 """Number formats and granularity: no model knowledge.
 
+- :mod:`~lowbit.formats.granularity`: ``PerTensor``, ``PerChannel``, ``Group(size, ragged)``
+  (the one granularity vocabulary) and the ``--group-size`` parser.
+- :mod:`~lowbit.formats.spec`: ``WeightSpec`` and ``ActSpec``, what a method quantizes to.
+
 - :mod:`~lowbit.formats.element`: ``get_format(name)`` for int2..int8, uint2..uint8, fp8_e4m3,
   fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, e8m0, fp32/fp16/bf16 (one interface).
 - :mod:`~lowbit.formats.intq`: GPTQ-convention integer grids (scale, zero per group).
@@ -24,14 +28,23 @@ from lowbit.formats.blockscale import (
 )
 from lowbit.formats.element import ElementFormat, format_names, get_format
 from lowbit.formats.fp import E8M0Format, FloatFormat
+from lowbit.formats.granularity import (
+    Granularity,
+    Group,
+    PerChannel,
+    PerTensor,
+    parse_group_size,
+)
 from lowbit.formats.intfmt import DtypeFormat, IntFormat
 from lowbit.formats.intq import IntGrid
 from lowbit.formats.packed_block import PackedBlockWeight
 from lowbit.formats.packed_int import PackedIntWeight
+from lowbit.formats.spec import ActSpec, WeightSpec
 from lowbit.formats.spqr_weight import SpQRWeight
 
 __all__ = [
     "PRESETS",
+    "ActSpec",
     "BilevelStats",
     "BlockQuantized",
     "BlockScaledConfig",
@@ -40,18 +53,24 @@ __all__ = [
     "E8M0Format",
     "ElementFormat",
     "FloatFormat",
+    "Granularity",
+    "Group",
     "IntFormat",
     "IntGrid",
     "PackedBlockWeight",
     "PackedIntWeight",
     "Part",
+    "PerChannel",
+    "PerTensor",
     "SpQRWeight",
+    "WeightSpec",
     "bilevel_quantize",
     "bits_per_weight",
     "compute_scales",
     "fake_quantize_blocks",
     "format_names",
     "get_format",
+    "parse_group_size",
     "preset",
     "quantize_blocks",
 ]

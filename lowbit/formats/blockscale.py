@@ -1,10 +1,12 @@
 """Block-scaled formats: element codes times a per-block scale (plus optional extra levels).
 
-A weight ``w [R, C]`` is cut into blocks (the one granularity vocabulary of the project):
-``group_size = G`` -> blocks of G consecutive input columns of one row (a shorter last block
-when G does not divide C, as in :mod:`lowbit.formats.intq`), ``-1`` -> one block per output row
-(per channel), ``0`` -> one block for the whole tensor. Each block has a scale ``s`` and each
-weight is stored as an element code ``c`` with ``w ~= decode(c) * s``.
+A weight ``w [R, C]`` is cut into blocks by its granularity (the one vocabulary of
+:mod:`lowbit.formats.granularity`): :class:`~lowbit.formats.granularity.Group` -> blocks of
+``size`` consecutive input columns of one row (a shorter last block when the size does not
+divide C, as in :mod:`lowbit.formats.intq`), :class:`~lowbit.formats.granularity.PerChannel`
+-> one block per output row, :class:`~lowbit.formats.granularity.PerTensor` -> one block for
+the whole tensor. Each block has a scale ``s`` and each weight is stored as an element code
+``c`` with ``w ~= decode(c) * s``.
 
 Scale rules (``scale_rule``), with ``amax`` the block's max |w| and ``E`` the element format:
 
@@ -24,36 +26,46 @@ Scale rules (``scale_rule``), with ``amax`` the block's max |w| and ``E`` the el
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from lowbit.formats.element import ElementFormat, get_format
 from lowbit.formats.fp import E8M0Format, FloatFormat, pow2
+from lowbit.formats.granularity import (
+    Granularity,
+    Group,
+    PerChannel,
+    PerTensor,
+    as_granularity,
+    from_stored,
+    scale_grid,
+    to_stored,
+)
 from lowbit.formats.intfmt import DtypeFormat, IntFormat
 from lowbit.formats.intq import expand_groups, pad_to_groups
 
+if TYPE_CHECKING:
+    from lowbit.formats.spec import WeightSpec
+
 SCALE_RULES = ("amax", "mx", "m1", "m2")
-PER_CHANNEL = -1
-PER_TENSOR = 0
+STORED_KEYS = ("element", "group_size", "scale_format", "scale_rule", "tensor_scale", "version")
 
 
 @dataclass(frozen=True)
 class BlockScaledConfig:
-    """A block-scaled format.
-
-    Attributes:
-        element: element format name (``get_format``), at most 8 bits, signed.
-        group_size: ``G > 0`` columns per block, ``-1`` per output row, ``0`` per tensor.
-        scale_format: format of the stored block scale (``fp32``, ``fp16``, ``bf16``,
-            ``fp8_e4m3``, ``e8m0``, ...); for ``m2`` the format of the per-row real scale.
-        scale_rule: ``amax``, ``mx``, ``m1`` or ``m2`` (module docstring).
-        tensor_scale: store a second-level float32 per-tensor scale (``amax`` rule only).
-        version: schema version of this config.
-    """
+    """A block-scaled format: ``element`` codes (a format name of ``get_format``, at most 8
+    bits, signed) with one scale per ``granularity`` block (per tensor, per channel or groups;
+    an int is read as the stored ``group_size`` spelling,
+    :func:`~lowbit.formats.granularity.from_stored`), stored in ``scale_format`` (``fp32``,
+    ``fp16``, ``bf16``, ``fp8_e4m3``, ``e8m0``, ...; for ``m2`` the format of the per-row real
+    scale) by ``scale_rule`` (``amax``, ``mx``, ``m1`` or ``m2``, module docstring);
+    ``tensor_scale`` stores a second-level float32 per-tensor scale (``amax`` rule only).
+    ``version`` is the schema version of :meth:`to_dict`."""
 
     element: str = "fp4_e2m1"
-    group_size: int = 32
+    granularity: Granularity = Group(32)
     scale_format: str = "fp32"
     scale_rule: str = "amax"
     tensor_scale: bool = False
@@ -66,9 +78,9 @@ class BlockScaledConfig:
                 f"element format '{self.element}' cannot be block-scaled: use a signed format"
                 " of at most 8 bits (int2..int8, fp8_e4m3, fp8_e5m2, fp6_*, fp4_e2m1)"
             )
-        if self.group_size < -1:
-            raise ValueError(f"group_size must be G > 0, -1 (per channel) or 0 (per tensor), "
-                             f"got {self.group_size}")
+        granularity = as_granularity(self.granularity)
+        if granularity is not self.granularity:  # an int in the stored spelling, read once
+            object.__setattr__(self, "granularity", granularity)
         scale = get_format(self.scale_format)
         if isinstance(scale, IntFormat):
             raise ValueError(f"scale_format '{self.scale_format}' is an integer format; use a "
@@ -84,12 +96,29 @@ class BlockScaledConfig:
             if not isinstance(scale, DtypeFormat):
                 raise ValueError("scale_rule 'm2' keeps one real scale per row: set scale_format "
                                  "to fp32, fp16 or bf16")
-            if self.group_size <= 0:
-                raise ValueError("scale_rule 'm2' needs group_size > 0 (ratios per group)")
+            if not isinstance(granularity, Group):
+                raise ValueError(f"scale_rule 'm2' needs groups (ratios per group), not "
+                                 f"{granularity.describe()}")
         if self.tensor_scale and self.scale_rule != "amax":
             raise ValueError("tensor_scale is only defined for scale_rule 'amax' (NVFP4)")
         if self.version != 1:
             raise ValueError(f"BlockScaledConfig version {self.version} unsupported (1)")
+
+    @classmethod
+    def from_spec(
+        cls, spec: WeightSpec, scale_rule: str = "amax", tensor_scale: bool = False
+    ) -> BlockScaledConfig:
+        """The block-scaled format of a :class:`~lowbit.formats.spec.WeightSpec` (element,
+        granularity and scale format) with ``scale_rule``."""
+        if not spec.symmetric:
+            raise ValueError("block-scaled formats are symmetric (no zero point)")
+        return cls(spec.format, spec.granularity, spec.scale_format, scale_rule, tensor_scale)
+
+    @property
+    def group_size(self) -> int:
+        """The stored spelling of the granularity (:func:`~lowbit.formats.granularity.to_stored`):
+        -1 per channel, 0 per tensor, else the group size."""
+        return to_stored(self.granularity)
 
     @property
     def element_format(self) -> ElementFormat:
@@ -101,34 +130,36 @@ class BlockScaledConfig:
 
     def block_grid(self, rows: int, cols: int) -> tuple[int, int, int]:
         """``(block_rows, blocks_per_row, block_width)`` of the scale grid for ``[rows, cols]``."""
-        if self.group_size == PER_TENSOR:
-            return 1, 1, rows * cols
-        if self.group_size == PER_CHANNEL:
-            return rows, 1, cols
-        return rows, -(-cols // self.group_size), self.group_size
+        return scale_grid(self.granularity, rows, cols)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The saved metadata (version 1): ``element``, ``group_size`` (stored spelling),
+        ``scale_format``, ``scale_rule``, ``tensor_scale``, ``version``."""
+        return {"element": self.element, "group_size": self.group_size,
+                "scale_format": self.scale_format, "scale_rule": self.scale_rule,
+                "tensor_scale": self.tensor_scale, "version": self.version}
 
     @classmethod
     def from_dict(cls, d: dict) -> BlockScaledConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - set(STORED_KEYS))
         if unknown:
             raise ValueError(f"unknown BlockScaledConfig key '{unknown[0]}'; known: "
-                             f"{', '.join(sorted(known))}")
+                             f"{', '.join(sorted(STORED_KEYS))}")
+        d = dict(d)
+        if "group_size" in d:
+            d["granularity"] = from_stored(d.pop("group_size"))
         return cls(**d)
 
 
 PRESETS: dict[str, BlockScaledConfig] = {
-    "nvfp4": BlockScaledConfig("fp4_e2m1", 16, "fp8_e4m3", "amax", tensor_scale=True),
-    "mxfp4": BlockScaledConfig("fp4_e2m1", 32, "e8m0", "mx"),
-    "mxfp6_e2m3": BlockScaledConfig("fp6_e2m3", 32, "e8m0", "mx"),
-    "mxfp6_e3m2": BlockScaledConfig("fp6_e3m2", 32, "e8m0", "mx"),
-    "mxfp8": BlockScaledConfig("fp8_e4m3", 32, "e8m0", "mx"),
-    "mxfp8_e5m2": BlockScaledConfig("fp8_e5m2", 32, "e8m0", "mx"),
-    "fp4_m1": BlockScaledConfig("fp4_e2m1", 128, "e8m0", "m1"),
-    "fp4_m2": BlockScaledConfig("fp4_e2m1", 128, "fp16", "m2"),
+    "nvfp4": BlockScaledConfig("fp4_e2m1", Group(16), "fp8_e4m3", "amax", tensor_scale=True),
+    "mxfp4": BlockScaledConfig("fp4_e2m1", Group(32), "e8m0", "mx"),
+    "mxfp6_e2m3": BlockScaledConfig("fp6_e2m3", Group(32), "e8m0", "mx"),
+    "mxfp6_e3m2": BlockScaledConfig("fp6_e3m2", Group(32), "e8m0", "mx"),
+    "mxfp8": BlockScaledConfig("fp8_e4m3", Group(32), "e8m0", "mx"),
+    "mxfp8_e5m2": BlockScaledConfig("fp8_e5m2", Group(32), "e8m0", "mx"),
+    "fp4_m1": BlockScaledConfig("fp4_e2m1", Group(128), "e8m0", "m1"),
+    "fp4_m2": BlockScaledConfig("fp4_e2m1", Group(128), "fp16", "m2"),
 }
 
 
@@ -143,11 +174,12 @@ def _blocks(w: torch.Tensor, cfg: BlockScaledConfig) -> torch.Tensor:
     """float32 ``[block_rows, blocks_per_row, block_width]`` view of ``w [R, C]`` (padded)."""
     rows, cols = w.shape
     w = w.float()
-    if cfg.group_size == PER_TENSOR:
+    g = cfg.granularity
+    if isinstance(g, PerTensor):
         return w.reshape(1, 1, -1)
-    if cfg.group_size == PER_CHANNEL:
+    if isinstance(g, PerChannel):
         return w.reshape(rows, 1, cols)
-    return pad_to_groups(w, cfg.group_size)[0]
+    return pad_to_groups(w, g.size)[0]
 
 
 def _unblock(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -213,8 +245,9 @@ class BlockScales:
     def per_element(self) -> torch.Tensor:
         """float32 ``[rows, cols]``: each weight's effective scale."""
         s = self.effective()
-        if self.config.group_size > 0:
-            return expand_groups(s, self.config.group_size, self.cols)
+        g = self.config.granularity
+        if isinstance(g, Group):
+            return expand_groups(s, g.size, self.cols)
         return s.expand(self.rows, self.cols) if s.shape[0] == 1 else s.expand(-1, self.cols)
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -7,16 +7,32 @@ codes are unsigned integers ``q`` in ``[0, 2**bits - 1]`` and the value is
 ``[min, max]`` widened to contain 0. Scales are rounded to fp16 because that is how they are
 stored, so the in-memory model equals the saved one bit for bit.
 
-Granularity is one vocabulary: ``group_size = -1`` is per output channel (one group spanning
-the input width), ``group_size = G`` splits the input width into groups of G columns; when G
-does not divide the width and ``ragged`` is allowed, the last group is shorter.
+Granularity is the one vocabulary of :mod:`lowbit.formats.granularity`: an integer grid is
+:class:`~lowbit.formats.granularity.PerChannel` (one group spanning the input width) or
+:class:`~lowbit.formats.granularity.Group` (groups of ``size`` columns; with ``ragged`` the last
+group of a row is shorter when ``size`` does not divide the width).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from lowbit.formats.granularity import (
+    Group,
+    PerChannel,
+    PerTensor,
+    as_granularity,
+    from_stored,
+    group_width,
+    n_groups,
+    to_stored,
+)
+
+if TYPE_CHECKING:
+    from lowbit.formats.spec import WeightSpec
 
 
 def max_code(bits: int) -> int:
@@ -25,31 +41,57 @@ def max_code(bits: int) -> int:
 
 @dataclass(frozen=True)
 class IntGrid:
-    """An integer grid with its granularity.
-
-    Attributes:
-        bits: code width, 2..8.
-        group_size: columns per group, -1 for one group per output row.
-        symmetric: zero fixed at the mid code (not stored) vs. a stored zero per group.
-        round_zero: asymmetric zeros rounded to integer codes (stored as codes) or kept real.
-    """
+    """An integer grid of ``bits`` (2..8) with its granularity (per channel or groups; an int
+    is read as the stored ``group_size`` spelling, :func:`~lowbit.formats.granularity.from_stored`,
+    so saved metadata and callers of that spelling keep working); ``symmetric``: zero fixed at
+    the mid code (not stored) vs. a stored zero per group; ``round_zero``: asymmetric zeros
+    rounded to integer codes (stored as codes) or kept real (fp16)."""
 
     bits: int = 4
-    group_size: int = 128
+    granularity: PerChannel | Group = Group(128)
     symmetric: bool = True
     round_zero: bool = True
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be in 2..8, got {self.bits}")
-        if self.group_size != -1 and self.group_size < 1:
-            raise ValueError(f"group_size must be -1 (per channel) or >= 1, got {self.group_size}")
+        granularity = as_granularity(self.granularity)
+        if isinstance(granularity, PerTensor):
+            raise ValueError("integer grids are per channel or per group, not per tensor")
+        if granularity is not self.granularity:  # an int in the stored spelling, read once
+            object.__setattr__(self, "granularity", granularity)
+
+    @classmethod
+    def from_spec(cls, spec: WeightSpec, round_zero: bool = True) -> IntGrid:
+        """The grid of an integer :class:`~lowbit.formats.spec.WeightSpec` (fp16 scales)."""
+        if spec.is_float or spec.scale_format != "fp16":
+            raise ValueError(
+                f"an integer grid holds int codes with fp16 scales, not {spec.describe()}"
+            )
+        return cls(spec.bits, spec.granularity, spec.symmetric, round_zero)
+
+    @property
+    def group_size(self) -> int:
+        """The stored spelling of the granularity: -1 per channel, else the group size."""
+        return to_stored(self.granularity)
 
     def group_width(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
+        return group_width(self.granularity, in_features)
 
     def num_groups(self, in_features: int) -> int:
-        return -(-in_features // self.group_width(in_features))
+        return n_groups(self.granularity, in_features)
+
+    def to_meta(self) -> dict:
+        """The saved metadata (format version 1): ``bits``, ``group_size``, ``symmetric``,
+        ``round_zero``."""
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "round_zero": self.round_zero}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> IntGrid:
+        """The grid of :meth:`to_meta`'s dict."""
+        return cls(meta.get("bits", 4), from_stored(meta.get("group_size", 128)),
+                   meta.get("symmetric", True), meta.get("round_zero", True))
 
 
 def minmax_params(

@@ -7,7 +7,7 @@ its :meth:`bits_per_weight` is the saved size by construction.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -107,13 +107,13 @@ class PackedIntWeight:
             "kind": self.kind,
             "out_features": self.out_features,
             "in_features": self.in_features,
-            "grid": asdict(self.grid),
+            "grid": self.grid.to_meta(),
         }
 
     @classmethod
     def from_stored(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> PackedIntWeight:
         return cls(
-            meta["out_features"], meta["in_features"], IntGrid(**meta["grid"]),
+            meta["out_features"], meta["in_features"], IntGrid.from_meta(meta["grid"]),
             tensors["qweight"], tensors["scales"], tensors.get("zeros"), tensors.get("perm"),
         )
 

@@ -154,7 +154,7 @@ def test_config_validation_and_dict_round_trip():
         BlockScaledConfig("fp4_e2m1", 32, "e8m0", "mx", tensor_scale=True)
     with pytest.raises(ValueError, match="signed format"):
         BlockScaledConfig("uint4", 32)
-    with pytest.raises(ValueError, match="group_size > 0"):
+    with pytest.raises(ValueError, match="m2. needs groups"):
         BlockScaledConfig("fp4_e2m1", -1, "fp16", "m2")
     with pytest.raises(ValueError, match="unknown block format preset"):
         preset("nvfp3")
