@@ -57,6 +57,8 @@ BAD: dict[str, list] = {
     "phi": ["bogus"],
     "init": ["bogus"],
     "lp_norm": [0, -1, NAN, INF],
+    "max_shrink": [-0.1, 1, 1.5, NAN],
+    "grid_points": [0, -1],
     "lp_candidates": [0, -1],
     "steps": [-1],
     "scale_lr": [-1, NAN, INF],
