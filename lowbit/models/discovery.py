@@ -1,0 +1,242 @@
+"""Block structure found from the model itself, not from its name.
+
+Two passes, as llm-compressor's sequential pipeline finds its subgraphs from the model:
+
+- :func:`find_structure` reads the module tree (works on the meta device: nothing is run): the
+  decoder-block list (the ``nn.ModuleList`` of the classes transformers will not split,
+  ``_no_split_modules``), the linear-like modules of a block (``nn.Linear``, GPT-2's
+  ``Conv1D``) and any fused expert modules (3-D parameters, transformers 5's MoE layout).
+- :func:`trace_block` runs one short forward pass through the embeddings and block 0 (the rest
+  of the model is not run, so only those need real weights) with hooks, and reads off the
+  order in which the block computes its linears, which of them read the same input tensor, and
+  which norm's output is exactly a group's input.
+- :func:`norm_gain_offset` finds numerically whether a norm multiplies by ``w`` or by
+  ``1 + w`` (Gemma), and refuses a module whose output is not affine in its gain (then nothing
+  may be folded into it).
+
+:func:`discover` combines them into a :class:`~lowbit.models.arch.BlockTable`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.arch import BlockTable
+
+log = logging.getLogger(__name__)
+
+
+def linear_types() -> tuple[type[nn.Module], ...]:
+    """Modules holding one 2-D weight applied as a matmul: ``nn.Linear`` and transformers'
+    ``Conv1D`` (GPT-2 family; its weight is stored transposed, ``[in, out]``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return nn.Linear, Conv1D
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What the module tree says about a causal LM.
+
+    Attributes:
+        blocks: dotted path of the decoder blocks' ``nn.ModuleList``.
+        linears: names (relative to a block) of block 0's linear-like modules, in module order.
+        experts: names of block 0's modules holding fused expert weights (3-D parameters).
+    """
+
+    blocks: str
+    linears: tuple[str, ...]
+    experts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Dataflow:
+    """What one forward pass of block 0 shows.
+
+    Attributes:
+        sequential: groups of linear names in compute order; the linears of a group read the
+            same input tensor.
+        norm_feeds: ``(module name, group)`` for each module whose output is a group's input.
+        unused: linears of the block the forward pass never called.
+    """
+
+    sequential: tuple[tuple[str, ...], ...]
+    norm_feeds: tuple[tuple[str, tuple[str, ...]], ...]
+    unused: tuple[str, ...]
+
+
+def find_structure(model: nn.Module) -> Structure:
+    """The decoder-block list and block 0's linear-like and fused-expert modules."""
+    blocks = _block_list(model)
+    block = model.get_submodule(blocks)[0]
+    linears = tuple(n for n, m in block.named_modules() if isinstance(m, linear_types()))
+    experts = tuple(
+        n for n, m in block.named_modules()
+        if not isinstance(m, linear_types()) and any(p.dim() == 3 for p in m.parameters(False))
+    )
+    return Structure(blocks, linears, experts)
+
+
+def _block_list(model: nn.Module) -> str:
+    """The ``nn.ModuleList`` of same-class modules named in ``_no_split_modules`` (any such
+    list when the model names none) holding the most parameters."""
+    unsplit = set(getattr(model, "_no_split_modules", None) or ())
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kind = type(module[0])
+        if any(type(m) is not kind for m in module) or (unsplit and kind.__name__ not in unsplit):
+            continue
+        found.append((sum(p.numel() for p in module.parameters()), name))
+    if not found:
+        raise LowbitError(
+            f"found no list of decoder blocks in {type(model).__name__}; lowbit quantizes "
+            "decoder-only causal LMs whose blocks are an nn.ModuleList"
+        )
+    return max(found)[1]
+
+
+class _Stop(Exception):
+    """Raised after block 0: the rest of the model is not needed."""
+
+
+def _key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's contents: the same storage, shape and strides."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+@torch.no_grad()
+def trace_block(model: nn.Module, structure: Structure, input_ids: torch.Tensor) -> Dataflow:
+    """Run ``input_ids`` ``[1, L]`` through the embeddings and block 0, recording each linear's
+    first input and every other submodule's output."""
+    block = model.get_submodule(structure.blocks)[0]
+    first_input: dict[str, tuple] = {}
+    outputs: dict[tuple, str] = {}
+    alive: list[torch.Tensor] = []  # keeps traced tensors alive so their storage is not reused
+
+    def on_linear(name):
+        def hook(_module, args):
+            if name not in first_input and args and isinstance(args[0], torch.Tensor):
+                alive.append(args[0])
+                first_input[name] = _key(args[0])
+        return hook
+
+    def on_module(name):
+        def hook(_module, _args, out):
+            if isinstance(out, torch.Tensor):
+                alive.append(out)
+                outputs.setdefault(_key(out), name)
+        return hook
+
+    def stop(_module, _args, _out):
+        raise _Stop
+
+    linears = set(structure.linears)
+    hooks = [block.get_submodule(n).register_forward_pre_hook(on_linear(n)) for n in linears]
+    hooks += [
+        m.register_forward_hook(on_module(n)) for n, m in block.named_modules()
+        if n and n not in linears and not isinstance(m, linear_types())
+    ]
+    hooks.append(block.register_forward_hook(stop))
+    try:
+        model(input_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return _dataflow(structure, first_input, outputs)
+
+
+def _dataflow(structure: Structure, first_input: dict[str, tuple], outputs: dict) -> Dataflow:
+    groups: dict[tuple, list[str]] = {}
+    for name in first_input:  # dicts keep the order of the first calls
+        groups.setdefault(first_input[name], []).append(name)
+    sequential = tuple(tuple(g) for g in groups.values())
+    feeds = tuple(
+        (outputs[key], tuple(group)) for key, group in groups.items() if key in outputs
+    )
+    unused = tuple(n for n in structure.linears if n not in first_input)
+    return Dataflow(sequential, feeds, unused)
+
+
+@contextmanager
+def _gain(norm: nn.Module, value: torch.Tensor) -> Iterator[None]:
+    saved = norm.weight.detach().clone()
+    norm.weight.data.copy_(value)
+    try:
+        yield
+    finally:
+        norm.weight.data.copy_(saved)
+
+
+@torch.no_grad()
+def norm_gain_offset(norm: nn.Module, width: int) -> float | None:
+    """``c`` when ``norm(x) = n(x) * (c + weight) + bias`` for every gain ``weight`` (``c`` = 0
+    for Llama's RMSNorm, 1 for Gemma's), or None when the module is not affine in a 1-D gain
+    of size ``width`` (nothing can be folded into it)."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != (width,):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, width, generator=gen).to(weight.dtype)
+    bias = getattr(norm, "bias", None)
+    bias = torch.zeros(width) if bias is None else bias.detach().float()
+    with _gain(norm, torch.zeros_like(weight)):
+        base = norm(x).float() - bias  # c * n(x)
+    with _gain(norm, torch.ones_like(weight)):
+        unit = norm(x).float() - bias - base  # n(x)
+    offset = float((base * unit).sum() / (unit * unit).sum().clamp(min=1e-30))
+    probe = torch.rand(width, generator=gen).to(weight.dtype) + 0.5
+    with _gain(norm, probe):
+        got = norm(x).float() - bias
+    want = unit * (offset + probe.float())
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max())):
+        return None
+    return round(offset, 3)
+
+
+def discover(model: nn.Module, input_ids: torch.Tensor | None = None) -> BlockTable:
+    """The :class:`BlockTable` of ``model`` (embeddings and block 0 with real weights), found
+    by :func:`find_structure`, :func:`trace_block` and :func:`norm_gain_offset`.
+
+    Feeds whose module is not an affine norm are dropped (smoothing and reassembly then refuse
+    the groups they would fold into); norms that disagree on their gain offset are an error.
+    """
+    structure = find_structure(model)
+    if input_ids is None:
+        input_ids = torch.arange(2, 10).reshape(1, 8)
+    flow = trace_block(model, structure, input_ids)
+    if flow.unused:
+        log.info("linears never called in a forward pass, left as they are: %s", flow.unused)
+    block = model.get_submodule(structure.blocks)[0]
+    width = _hidden_width(block, flow)
+    feeds, offsets = [], set()
+    for name, group in flow.norm_feeds:
+        offset = norm_gain_offset(block.get_submodule(name), width)
+        if offset is not None:
+            feeds.append((name, group))
+            offsets.add(offset)
+    if len(offsets) > 1:
+        raise LowbitError(
+            f"the norms of {type(model).__name__} use different gain offsets {sorted(offsets)}; "
+            "add a block table for it in lowbit/models/arch.py"
+        )
+    return BlockTable(
+        structure.blocks, flow.sequential, tuple(feeds), offsets.pop() if offsets else 0.0
+    )
+
+
+def _hidden_width(block: nn.Module, flow: Dataflow) -> int:
+    """Input width of the block's first linear (the hidden size)."""
+    first = block.get_submodule(flow.sequential[0][0])
+    weight = first.weight
+    return weight.shape[1] if isinstance(first, nn.Linear) else weight.shape[0]

@@ -1,0 +1,108 @@
+"""Block structure found from tiny random models of many architectures (no download): the
+block list, linear-like modules, compute order, shared inputs, norm feeds and gain offsets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.models.arch import TABLES
+from lowbit.models.discovery import discover, find_structure, norm_gain_offset
+from lowbit.models.tiny import tiny_model
+
+LLAMA_SEQ = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+@pytest.mark.parametrize("model_type", sorted(TABLES))
+def test_discovery_equals_the_hand_written_tables(model_type):
+    assert discover(tiny_model(model_type)) == TABLES[model_type]
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "granite", "smollm3"])
+def test_llama_like_blocks(model_type):
+    table = discover(tiny_model(model_type))
+    assert table.blocks == "model.layers" and table.sequential == LLAMA_SEQ
+    assert table.norm_feeds == (
+        ("input_layernorm", QKV), ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))
+    )
+    assert table.norm_gain_offset == 0.0
+
+
+def test_gemma2_norms_multiply_by_one_plus_w():
+    table = discover(tiny_model("gemma2"))
+    assert table.norm_gain_offset == 1.0
+    feeding = [name for name, _ in table.norm_feeds]
+    assert feeding == ["input_layernorm", "pre_feedforward_layernorm"]
+
+
+@pytest.mark.parametrize("model_type,qkv,up", [
+    ("phi3", "self_attn.qkv_proj", "mlp.gate_up_proj"),
+    ("gpt_neox", "attention.query_key_value", "mlp.dense_h_to_4h"),
+])
+def test_fused_projections_are_one_linear(model_type, qkv, up):
+    table = discover(tiny_model(model_type))
+    assert table.sequential[0] == (qkv,) and table.sequential[2] == (up,)
+
+
+@pytest.mark.parametrize("model_type,group", [
+    ("falcon", ("self_attention.query_key_value", "mlp.dense_h_to_4h")),
+    ("cohere", (*QKV, "mlp.gate_proj", "mlp.up_proj")),
+])
+def test_parallel_attention_and_mlp_share_one_input(model_type, group):
+    """Falcon (old layout) and Cohere feed one norm's output to attention and MLP at once."""
+    table = discover(tiny_model(model_type))
+    assert table.sequential[0] == group
+    assert len(table.norm_feeds) == 1 and table.norm_feeds[0][1] == group
+
+
+def test_post_norm_blocks_have_no_foldable_feed():
+    """OLMo-2 normalises the outputs of attention and MLP: no norm feeds a linear directly,
+    so smoothing and reassembly have nothing to fold into."""
+    table = discover(tiny_model("olmo2"))
+    assert table.sequential == LLAMA_SEQ and table.norm_feeds == ()
+
+
+def test_gpt2_conv1d_is_linear_like():
+    structure = find_structure(tiny_model("gpt2"))
+    assert structure.blocks == "transformer.h"
+    assert structure.linears == ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_fused_experts_are_found_and_routers_are_not_linears(model_type):
+    model = tiny_model(model_type)
+    structure = find_structure(model)
+    assert structure.experts == ("mlp.experts",)
+    assert not any(name.startswith("mlp.") for name in structure.linears)
+    experts = model.get_submodule("model.layers.0.mlp.experts")
+    assert experts.gate_up_proj.dim() == 3
+
+
+class _SquaredGain(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight**2
+
+
+def test_a_gain_that_is_not_affine_is_refused():
+    assert norm_gain_offset(_SquaredGain(16), 16) is None
+    assert norm_gain_offset(nn.LayerNorm(16), 16) == 0.0
+    assert norm_gain_offset(nn.LayerNorm(16), 8) is None
+
+
+def test_discovery_leaves_the_gains_as_they_were():
+    model = tiny_model("gemma2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    discover(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
