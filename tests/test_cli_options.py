@@ -19,7 +19,7 @@ import typing
 import pytest
 
 from lowbit.algorithms import methods
-from lowbit.cli.main import build_parser, main
+from lowbit.cli.main import build_parser, main, quantize_parser
 
 BIG = 10**6  # a group size, rank, batch or window no layer or machine allows
 NAN, INF = "nan", "inf"
@@ -113,19 +113,18 @@ def _options() -> list[tuple[str, str, typing.Any]]:
 
 
 @functools.cache
-def _flags() -> dict[str, list[str]]:
-    """dest -> option strings of ``lowbit quantize`` (method flags: ``cfg_<field>``)."""
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    quantize = sub.choices["quantize"]
+def _flags(method: str) -> dict[str, list[str]]:
+    """dest -> option strings of ``lowbit quantize --method METHOD`` (its parser is built for
+    the method named: method settings are ``cfg_<field>``, the common ones ``bits``,
+    ``group_size``, ``symmetric``)."""
     flags: dict[str, list[str]] = {}
-    for action in quantize._actions:
+    for action in quantize_parser(method)._actions:
         flags.setdefault(action.dest, []).extend(action.option_strings)
     return flags
 
 
-def _flag(name: str) -> str:
-    flags = _flags()
+def _flag(method: str, name: str) -> str:
+    flags = _flags(method)
     strings = flags.get(f"cfg_{name}") or flags.get(name) or []
     return next(s for s in strings if s.startswith("--"))
 
@@ -135,7 +134,7 @@ def _cases() -> list[tuple[str, str, list[str]]]:
     cases = []
     for method, name, _kind in _options():
         values = [v for v in BAD.get(name, []) if (method, name, v) not in VALID_HERE]
-        cases += [(method, name, [_flag(name), str(v)]) for v in values]
+        cases += [(method, name, [_flag(method, name), str(v)]) for v in values]
         cases += [(method, name, argv) for argv in METHOD_BAD.get((method, name), [])]
     return cases
 
@@ -144,9 +143,9 @@ CASES = _cases()
 
 
 def test_every_option_has_out_of_range_cases():
-    flags = _flags()
     missing, no_flag = [], []
     for method, name, kind in _options():
+        flags = _flags(method)
         if f"cfg_{name}" not in flags and name not in flags:
             no_flag.append(f"{method}.{name}")
         if kind is bool or name in NO_BAD_VALUE:
@@ -176,7 +175,7 @@ def test_out_of_range_is_one_line_exit_2(capsys, tmp_path, smollm2_2blocks, meth
     assert "Traceback" not in err
     assert err.startswith("lowbit: error: ") and err.count("\n") == 1, err
     value = argv[-1]
-    names = (name, name.replace("_", " "), _flag(name), value)
+    names = (name, name.replace("_", " "), _flag(method, name), value)
     assert any(n in err for n in names), f"the error names neither {name} nor {value}: {err}"
     assert not out.exists() and not (tmp_path / "o.ckpt").exists()
 

@@ -13,7 +13,8 @@ import yaml
 
 from lowbit import api
 from lowbit.algorithms import method_named
-from lowbit.cli.method_flags import method_settings
+from lowbit.algorithms import methods as all_methods
+from lowbit.cli.method_flags import method_settings, settings_of
 from lowbit.cli.table import render
 from lowbit.data.calibration import check_draw
 from lowbit.engine import distributed
@@ -50,6 +51,33 @@ def models(args: argparse.Namespace) -> int:
         f"\ncache: {bundled.lowbit_home()} (set LOWBIT_HOME to move it); "
         "any local HF causal-LM folder works as MODEL too"
     )
+    _write_json(args.json, rows)
+    return 0
+
+
+def methods(args: argparse.Namespace) -> int:
+    rows = [
+        {
+            "name": m.name,
+            "summary": m.summary,
+            "kind": "block-wise" if m.apply_block is not None else "whole-model",
+            "distributed": m.distributed,
+            "config": m.config_cls.__name__,
+            "settings": [s.to_dict() for s in settings_of(m)],
+        }
+        for m in sorted(all_methods().values(), key=lambda m: m.name)
+    ]
+    print(
+        render(
+            ["method", "summary", "runs", "distributed", "settings"],
+            [
+                [r["name"], r["summary"], r["kind"], "yes" if r["distributed"] else "no",
+                 len(r["settings"])]
+                for r in rows
+            ],
+        )
+    )
+    print("\n`lowbit quantize --method M --help` lists M's settings (flags and recipe keys)")
     _write_json(args.json, rows)
     return 0
 

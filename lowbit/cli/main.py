@@ -11,15 +11,36 @@ import sys
 from lowbit.errors import LowbitError
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that can hand the parse to a method's parser: ``lowbit quantize``
+    parses in two stages, ``--method`` first (:func:`~lowbit.cli.method_flags.find_method`),
+    then with :func:`quantize_parser` of that method (``by_method``). A method's parser
+    (``method``) refuses another method's flags with the one-line error."""
+
+    def __init__(self, *args, by_method=None, method: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.by_method = by_method
+        self.method = method
+
+    def parse_known_args(self, args=None, namespace=None):
+        from lowbit.cli.method_flags import check_flags, find_method
+
+        args = sys.argv[1:] if args is None else list(args)
+        if self.by_method is not None:
+            method = find_method(args)
+            if method is not None:
+                return self.by_method(method, self.prog).parse_known_args(args, namespace)
+        if self.method is not None:
+            check_flags(args, self.method)
+        return super().parse_known_args(args, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from lowbit.algorithms import methods
     from lowbit.cli import commands
-    from lowbit.cli.method_flags import add_method_flags
+    from lowbit.cli.method_flags import methods_listing
     from lowbit.cli.report import add_compare_flags, add_task_flags, compare
 
-    parser = argparse.ArgumentParser(
-        prog="lowbit", description="Low-bit quantization of causal LMs"
-    )
+    parser = _Parser(prog="lowbit", description="Low-bit quantization of causal LMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -28,42 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the list as JSON")
     p.set_defaults(func=commands.models)
 
-    p = sub.add_parser("quantize", help="quantize a model and save it")
-    p.add_argument("model", help="bundled name or local HF folder")
-    p.add_argument("--method", required=True, help=f"one of: {', '.join(sorted(methods()))}")
-    p.add_argument("--bits", "--wbits", dest="bits", type=int, help="weight bits (2-8)")
-    p.add_argument(
-        "-g", "--group-size", type=int, help="columns per group; -1 = per output channel"
+    p = sub.add_parser("methods", help="list the quantization methods")
+    p.add_argument("--json", metavar="FILE", help="write the methods and their settings as JSON")
+    p.set_defaults(func=commands.methods)
+
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model and save it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Quantize MODEL with method M and save it to DIR. Methods:\n"
+        f"{methods_listing()}\n\n"
+        "`lowbit quantize --method M --help` shows M's settings (each a flag and a recipe\n"
+        "key); `lowbit methods` lists the methods.",
+        by_method=quantize_parser,
     )
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, default=None)
-    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False)
-    p.add_argument("--recipe", metavar="FILE.yaml", help="method settings file; flags override it")
-    _add_calib_flags(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--json", metavar="FILE", help="write the run report as JSON")
-    p.add_argument("--layers", action="store_true", help="print every layer, not per block")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted run from its checkpoint in OUT.ckpt (finished blocks, "
-        "or training steps; start if none)",
-    )
-    p.add_argument(
-        "--stream",
-        action="store_true",
-        help="never hold the full-precision model: read each block's weights from the "
-        "safetensors files just before quantizing it, keep quantized blocks in OUT.ckpt until "
-        "the output is written (block-wise methods)",
-    )
-    p.add_argument(
-        "--no-preflight",
-        action="store_true",
-        help="print the memory and disk estimate but run even when it does not fit",
-    )
-    _add_eval_flags(p, default_ppl=[], seqlen_flags=("--eval-seqlen",))
-    add_method_flags(p)
-    p.set_defaults(func=commands.quantize)
+    _add_quantize_flags(p, None)
 
     p = sub.add_parser("eval", help="perplexity, KL divergence and lm-eval tasks of a model")
     p.add_argument("model", help="bundled name, local HF folder or lowbit DIR")
@@ -94,6 +94,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     return parser
+
+
+def quantize_parser(method: str, prog: str = "lowbit quantize") -> argparse.ArgumentParser:
+    """``lowbit quantize``'s parser with ``method``'s flags (the second stage of its parse)."""
+    from lowbit.algorithms import method_named
+
+    summary = method_named(method).summary
+    p = _Parser(
+        prog=prog,
+        method=method,
+        description=f"Quantize MODEL with {method} ({summary}) and save it to DIR. Method "
+        "settings override the --recipe file's keys.",
+    )
+    _add_quantize_flags(p, method)
+    return p
+
+
+def _add_quantize_flags(p: argparse.ArgumentParser, method: str | None) -> None:
+    """Every flag of ``lowbit quantize``; ``method``'s settings when it is given."""
+    from lowbit.algorithms import methods
+    from lowbit.cli import commands
+    from lowbit.cli.method_flags import add_method_flags
+
+    p.add_argument("model", help="bundled name or local HF folder")
+    p.add_argument(
+        "--method",
+        required=True,
+        metavar="M",
+        help=f"one of: {', '.join(sorted(methods()))} (`--method M --help`: M's settings)",
+    )
+    add_method_flags(p, method)  # the common flags here, the method's settings in their group
+    p.add_argument("--recipe", metavar="FILE.yaml", help="method settings file; flags override it")
+    _add_calib_flags(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--json", metavar="FILE", help="write the run report as JSON")
+    p.add_argument("--layers", action="store_true", help="print every layer, not per block")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its checkpoint in OUT.ckpt (finished blocks, "
+        "or training steps; start if none)",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="never hold the full-precision model: read each block's weights from the "
+        "safetensors files just before quantizing it, keep quantized blocks in OUT.ckpt until "
+        "the output is written (block-wise methods)",
+    )
+    p.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="print the memory and disk estimate but run even when it does not fit",
+    )
+    _add_eval_flags(p, default_ppl=[], seqlen_flags=("--eval-seqlen",))
+    p.set_defaults(func=commands.quantize)
 
 
 def _add_calib_flags(p: argparse.ArgumentParser) -> None:
@@ -135,7 +191,11 @@ def _add_eval_flags(
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)  # an unknown method, another method's flag: one line
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
