@@ -9,6 +9,7 @@ from torch import nn
 
 from lowbit.models.arch import TABLES
 from lowbit.models.discovery import discover, find_structure, norm_gain_offset
+from lowbit.models.experts import expert_modules, unfuse_experts
 from lowbit.models.tiny import tiny_model
 
 LLAMA_SEQ = (
@@ -106,3 +107,28 @@ def test_discovery_leaves_the_gains_as_they_were():
     discover(model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_unfused_experts_compute_the_same_logits(model_type):
+    model = tiny_model(model_type)
+    ids = torch.arange(3, 67).reshape(2, 32)
+    with torch.no_grad():
+        want = model(ids).logits
+        assert unfuse_experts(model) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+        assert torch.equal(model(ids).logits, want)
+        experts = expert_modules(model)["model.layers.0.mlp.experts"]
+        assert int(experts.routed_tokens.sum()) == 64 * 2  # top-2 of 4 experts per token
+        for m in expert_modules(model).values():
+            m.calibrate_all = True
+        assert torch.equal(model(ids).logits, want)  # all experts run, routed ones still count
+
+
+def test_unfused_experts_form_one_group_per_matrix():
+    model = tiny_model("qwen3_moe", num_experts=8, num_experts_per_tok=1)
+    unfuse_experts(model)
+    table = discover(model, torch.arange(3, 6).reshape(1, 3))  # 3 tokens cannot reach 8 experts
+    gate_up = tuple(f"mlp.experts.{e}.gate_up_proj" for e in range(8))
+    down = tuple(f"mlp.experts.{e}.down_proj" for e in range(8))
+    assert table.sequential == LLAMA_SEQ[:2] + (gate_up, down)
+    assert not any(m.calibrate_all for m in expert_modules(model).values())

@@ -29,6 +29,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.arch import BlockTable
+from lowbit.models.experts import ExpertLinears
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,14 @@ class Structure:
         blocks: dotted path of the decoder blocks' ``nn.ModuleList``.
         linears: names (relative to a block) of block 0's linear-like modules, in module order.
         experts: names of block 0's modules holding fused expert weights (3-D parameters).
+        unfused: names of block 0's experts modules unfused into one linear per expert matrix
+            (:class:`~lowbit.models.experts.ExpertLinears`).
     """
 
     blocks: str
     linears: tuple[str, ...]
     experts: tuple[str, ...]
+    unfused: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ def find_structure(model: nn.Module) -> Structure:
         n for n, m in block.named_modules()
         if not isinstance(m, linear_types()) and any(p.dim() == 3 for p in m.parameters(False))
     )
-    return Structure(blocks, linears, experts)
+    unfused = tuple(n for n, m in block.named_modules() if isinstance(m, ExpertLinears))
+    return Structure(blocks, linears, experts, unfused)
 
 
 def _block_list(model: nn.Module) -> str:
@@ -146,6 +151,9 @@ def trace_block(model: nn.Module, structure: Structure, input_ids: torch.Tensor)
         if n and n not in linears and not isinstance(m, linear_types())
     ]
     hooks.append(block.register_forward_hook(stop))
+    experts = [m for m in block.modules() if isinstance(m, ExpertLinears)]
+    for m in experts:  # every expert runs, however few of the trace's tokens reach it
+        m.calibrate_all = True
     try:
         model(input_ids, use_cache=False)
     except _Stop:
@@ -153,13 +161,25 @@ def trace_block(model: nn.Module, structure: Structure, input_ids: torch.Tensor)
     finally:
         for hook in hooks:
             hook.remove()
+        for m in experts:
+            m.calibrate_all = False
     return _dataflow(structure, first_input, outputs)
+
+
+def _expert_stage(name: str, structure: Structure) -> tuple | None:
+    """``(experts module, matrix)`` for a linear of an unfused expert (``mlp.experts.3.down_proj``:
+    ``("mlp.experts", "down_proj")``): one group per matrix over all experts, quantized from
+    one pass (each expert's Hessian still comes from its own tokens), else None."""
+    for path in structure.unfused:
+        if name.startswith(f"{path}."):
+            return ("experts", path, name[len(path) + 1:].split(".", 1)[1])
+    return None
 
 
 def _dataflow(structure: Structure, first_input: dict[str, tuple], outputs: dict) -> Dataflow:
     groups: dict[tuple, list[str]] = {}
     for name in first_input:  # dicts keep the order of the first calls
-        groups.setdefault(first_input[name], []).append(name)
+        groups.setdefault(_expert_stage(name, structure) or first_input[name], []).append(name)
     sequential = tuple(tuple(g) for g in groups.values())
     feeds = tuple(
         (outputs[key], tuple(group)) for key, group in groups.items() if key in outputs
