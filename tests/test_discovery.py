@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lowbit.models.arch import TABLES
+from lowbit.models.convert import linear_layout
 from lowbit.models.discovery import discover, find_structure, norm_gain_offset
 from lowbit.models.experts import expert_modules, unfuse_experts
 from lowbit.models.tiny import tiny_model
@@ -132,3 +133,15 @@ def test_unfused_experts_form_one_group_per_matrix():
     down = tuple(f"mlp.experts.{e}.down_proj" for e in range(8))
     assert table.sequential == LLAMA_SEQ[:2] + (gate_up, down)
     assert not any(m.calibrate_all for m in expert_modules(model).values())
+
+
+def test_gpt2_conv1d_becomes_linear_with_the_same_logits():
+    model = tiny_model("gpt2")
+    ids = torch.arange(3, 35).reshape(1, 32)
+    with torch.no_grad():
+        want = model(ids).logits
+        replaced = linear_layout(model)
+        assert replaced["experts"] == [] and len(replaced["conv1d"]) == 8
+        assert torch.allclose(model(ids).logits, want, rtol=0, atol=1e-6)
+    assert isinstance(model.get_submodule("transformer.h.0.attn.c_attn"), nn.Linear)
+    assert discover(model).sequential[0] == ("attn.c_attn",)
