@@ -129,7 +129,7 @@ def test_unfused_experts_form_one_group_per_matrix():
     model = tiny_model("qwen3_moe", num_experts=8, num_experts_per_tok=1)
     unfuse_experts(model)
     table = discover(model, torch.arange(3, 6).reshape(1, 3))  # 3 tokens cannot reach 8 experts
-    gate_up = tuple(f"mlp.experts.{e}.gate_up_proj" for e in range(8))
+    gate_up = tuple(f"mlp.experts.{e}.{m}" for e in range(8) for m in ("gate_proj", "up_proj"))
     down = tuple(f"mlp.experts.{e}.down_proj" for e in range(8))
     assert table.sequential == LLAMA_SEQ[:2] + (gate_up, down)
     assert not any(m.calibrate_all for m in expert_modules(model).values())
@@ -145,3 +145,16 @@ def test_gpt2_conv1d_becomes_linear_with_the_same_logits():
         assert torch.allclose(model(ids).logits, want, rtol=0, atol=1e-6)
     assert isinstance(model.get_submodule("transformer.h.0.attn.c_attn"), nn.Linear)
     assert discover(model).sequential[0] == ("attn.c_attn",)
+
+
+def test_unfused_names_are_the_names_transformers_writes(tmp_path):
+    from safetensors import safe_open
+
+    from lowbit.models.tiny import save_tiny
+
+    folder = save_tiny("qwen3_moe", tmp_path / "m")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        on_disk = set(f.keys())
+    model = tiny_model("qwen3_moe")
+    unfuse_experts(model)
+    assert set(model.state_dict()) == on_disk

@@ -29,7 +29,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.arch import BlockTable
-from lowbit.models.experts import ExpertLinears
+from lowbit.models.experts import STAGE, ExpertLinears
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +167,13 @@ def trace_block(model: nn.Module, structure: Structure, input_ids: torch.Tensor)
 
 
 def _expert_stage(name: str, structure: Structure) -> tuple | None:
-    """``(experts module, matrix)`` for a linear of an unfused expert (``mlp.experts.3.down_proj``:
-    ``("mlp.experts", "down_proj")``): one group per matrix over all experts, quantized from
-    one pass (each expert's Hessian still comes from its own tokens), else None."""
+    """``("experts", module, stage)`` for a linear of an unfused expert
+    (``mlp.experts.3.down_proj``: ``("experts", "mlp.experts", "down")``): the matrices of one
+    stage of every expert form one group, quantized from one pass (each expert's Hessian still
+    comes from its own tokens); None for other linears."""
     for path in structure.unfused:
         if name.startswith(f"{path}."):
-            return ("experts", path, name[len(path) + 1:].split(".", 1)[1])
+            return ("experts", path, STAGE[name[len(path) + 1:].split(".", 1)[1]])
     return None
 
 

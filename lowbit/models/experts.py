@@ -4,8 +4,9 @@ transformers 5 keeps the experts of Qwen3-MoE, Mixtral and their kin fused in 3-
 (``experts.gate_up_proj`` ``[E, 2I, H]``, ``experts.down_proj`` ``[E, H, I]``), which nothing
 that looks for linears finds. :func:`unfuse_experts` replaces each such module by
 :class:`ExpertLinears`: the same computation (the same ops in the same order: the logits are
-bit-identical) through ``experts.{e}.gate_up_proj`` and ``experts.{e}.down_proj``
-``nn.Linear`` modules (``{e}`` numbers the experts as the checkpoints on the Hub do). Each
+bit-identical) through ``experts.{e}.gate_proj``, ``experts.{e}.up_proj`` and
+``experts.{e}.down_proj`` ``nn.Linear`` modules: the names and shapes of the checkpoints on the
+Hub (and of what transformers 5 writes), so saved and exported names need no mapping. Each
 expert matrix is then quantized as a matrix of its own, with a Hessian from exactly the tokens
 routed to it; the routers stay in full precision.
 
@@ -20,21 +21,24 @@ import torch
 from torch import nn
 
 FUSED = ("gate_up_proj", "down_proj")
+# Which of an expert's matrices read the same input: one calibration pass per stage.
+STAGE = {"gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
 
 
 class Expert(nn.Module):
-    """One expert: ``down(act(gate(x)) * up(x))`` with ``gate_up_proj`` ``[2I, H]`` (gate rows
-    first, as the fused layout) and ``down_proj`` ``[H, I]``."""
+    """One expert: ``down(act(gate(x)) * up(x))``, ``gate_proj`` and ``up_proj`` ``[I, H]`` (the
+    halves of the fused ``gate_up_proj`` ``[2I, H]``, gate first), ``down_proj`` ``[H, I]``."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module) -> None:
         super().__init__()
-        self.gate_up_proj = _linear(gate_up)
+        gate, up = gate_up.chunk(2, dim=0)
+        self.gate_proj = _linear(gate)
+        self.up_proj = _linear(up)
         self.down_proj = _linear(down)
         self.act_fn = act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:
