@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,7 +16,10 @@ from lowbit.engine.capture import BlockInputs
 from lowbit.engine.distributed import max_over_ranks, solve_shared, sum_hessian
 from lowbit.engine.hessian import HessianAccumulator
 from lowbit.models.arch import BlockTable, set_submodule
+from lowbit.models.experts import ExpertLinears
 from lowbit.nn.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +32,9 @@ class BlockContext:
         table: the architecture's block table.
         hidden: calibration inputs, list of ``[b, L, hidden]``.
         inputs: the captured call arguments of every block.
+        all_experts: while Hessians are collected, every expert of a mixture-of-experts block
+            sees every token (else each sees the tokens routed to it).
+        calib_tokens: tokens each linear's Hessian was collected over (by block-relative name).
     """
 
     block: nn.Module
@@ -36,6 +43,8 @@ class BlockContext:
     table: BlockTable
     hidden: list[torch.Tensor]
     inputs: BlockInputs
+    all_experts: bool = False
+    calib_tokens: dict[str, int] = field(default_factory=dict)
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -59,7 +68,8 @@ class BlockContext:
         every process, under torchrun).
 
         Each batch's forward stops as soon as every named linear has seen its input, so the
-        q/k/v Hessians cost little more than the input norm.
+        q/k/v Hessians cost little more than the input norm. An expert no calibration token
+        reached gets the identity (GPTQ then rounds it as RTN does), with a warning.
         """
         accs = {n: HessianAccumulator(self.module(n).in_features) for n in names}
         seen: set[str] = set()
@@ -76,7 +86,7 @@ class BlockContext:
             )
             for n in names
         ]
-        with dense_kernels(self.block):
+        with dense_kernels(self.block), experts_see_all(self.block, self.all_experts):
             try:
                 for x in self.hidden:
                     seen.clear()
@@ -87,7 +97,17 @@ class BlockContext:
             finally:
                 for hook in hooks:
                     hook.remove()
-        return {n: sum_hessian(acc.hessian, acc.tokens)[0] for n, acc in accs.items()}
+        out = {}
+        for name, acc in accs.items():
+            out[name], self.calib_tokens[name] = sum_hessian(acc.hessian, acc.tokens)
+            if self.calib_tokens[name] == 0:
+                log.warning(
+                    "%s saw no calibration tokens (an expert no token was routed to); it is "
+                    "quantized without calibration data: use --calib-all-experts or more "
+                    "samples", self.full_name(name),
+                )
+                out[name] = torch.eye(acc.hessian.shape[0])
+        return out
 
     def solve_layers(self, names: list[str], solve: Callable[[str], Any]) -> dict[str, Any]:
         """``{name: solve(name)}``; under torchrun each linear is solved on one process and
@@ -147,6 +167,20 @@ def dense_kernels(block: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in zip(layers, modes, strict=True):
             m.set_kernel_mode(mode)
+
+
+@contextmanager
+def experts_see_all(block: nn.Module, on: bool) -> Iterator[None]:
+    """With ``on``, every expert of ``block``'s mixture-of-experts modules runs on every token
+    while the context lasts (their outputs still sum only the routed experts)."""
+    experts = [m for m in block.modules() if isinstance(m, ExpertLinears)] if on else []
+    for m in experts:
+        m.calibrate_all = True
+    try:
+        yield
+    finally:
+        for m in experts:
+            m.calibrate_all = False
 
 
 def drop_dense_caches(block: nn.Module) -> None:

@@ -38,8 +38,12 @@ def quantize_sequential(
     progress: bool = True,
     checkpoints: BlockCheckpoints | None = None,
     stream: BlockStream | None = None,
+    all_experts: bool = False,
 ) -> list[LayerReport]:
     """Quantize ``model`` in place with ``method``; calibration tokens ``[N, L]`` int64.
+
+    ``all_experts``: every expert of a mixture-of-experts block is calibrated on every token
+    (see :class:`~lowbit.engine.context.BlockContext`).
 
     With ``checkpoints``, finished blocks are restored from them first and each newly finished
     block is saved to them. With ``stream`` (which needs ``checkpoints``: they hold the
@@ -67,7 +71,8 @@ def quantize_sequential(
                 for i in indices:
                     stream.load(blocks[i], i)
             contexts = [
-                BlockContext(blocks[i], i, f"{table.blocks}.{i}", table, hidden, inputs)
+                BlockContext(blocks[i], i, f"{table.blocks}.{i}", table, hidden, inputs,
+                             all_experts)
                 for i in indices
             ]
             group_reports, hidden = _quantize_group(contexts, method, config, bar)
@@ -133,6 +138,10 @@ def _quantize_block(
     start = time.perf_counter()
     with torch.enable_grad():
         reports = method.apply_block(config, ctx)
+    for report in reports:  # how many tokens each Hessian saw (an expert: those routed to it)
+        local = report.name.removeprefix(f"{ctx.prefix}.")
+        if local in ctx.calib_tokens:
+            report.extra.setdefault("calib_tokens", ctx.calib_tokens[local])
     hidden = ctx.run()
     drop_dense_caches(ctx.block)
     log.debug("block %d done in %.1fs", ctx.index, time.perf_counter() - start)
