@@ -182,7 +182,7 @@ def add_method_flags(parser: argparse.ArgumentParser, method: str | None) -> Non
                                metavar="PATTERN")
         else:
             group.add_argument(*s.flags, dest=s.dest, type=s.kind, default=None, help=help_text,
-                               metavar=_metavar(s))
+                               metavar=s.name.upper())
 
 
 def _add_common(parser: argparse.ArgumentParser, settings: dict[str, Setting] | None) -> None:
@@ -204,12 +204,6 @@ def _add_common(parser: argparse.ArgumentParser, settings: dict[str, Setting] | 
                      help=help_of("symmetric"))
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False,
                      help="asymmetric grid (see --sym)")
-
-
-def _metavar(s: Setting) -> str:
-    if s.choices:
-        return "{" + ",".join(s.choices) + "}"
-    return s.name.upper()
 
 
 def _escape(text: str) -> str:
