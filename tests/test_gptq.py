@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.algorithms.gptq import gptq_quantize, inverse_hessian_cholesky
+from lowbit.algorithms.gptq import GPTQSolver, gptq_quantize, inverse_hessian_cholesky
 from lowbit.algorithms.linearwise import relative_errors
 from lowbit.errors import LowbitError
 from lowbit.formats.intq import IntGrid, rtn_quantize
@@ -33,7 +33,7 @@ def _dequant(res, grid):
 def test_gptq_output_error_below_rtn(bits, group_size, symmetric, act_order, static):
     w, h = _problem()
     grid = IntGrid(bits, group_size, symmetric)
-    res = gptq_quantize(w, h, grid, 0.01, act_order, static, block_size=32)
+    res = gptq_quantize(w, h, grid, GPTQSolver(0.01, act_order, static, block_size=32))
     codes, scales, zeros = rtn_quantize(w, grid)
     rtn = PackedIntWeight.from_codes(codes, scales, zeros, grid).dequantize()
     _, err_gptq = relative_errors(w, _dequant(res, grid), h)
@@ -45,7 +45,7 @@ def test_gptq_output_error_below_rtn(bits, group_size, symmetric, act_order, sta
 def test_ragged_last_group_and_block_boundaries():
     w, h = _problem(cols=100)
     grid = IntGrid(4, 32, True)
-    res = gptq_quantize(w, h, grid, block_size=48)
+    res = gptq_quantize(w, h, grid, GPTQSolver(block_size=48))
     assert res.scales.shape == (64, 4)  # 32 + 32 + 32 + 4 columns
     q = _dequant(res, grid)
     codes, scales, zeros = rtn_quantize(w, grid)
@@ -57,7 +57,7 @@ def test_dead_columns_are_zeroed():
     w, h = _problem()
     h[5, :] = 0
     h[:, 5] = 0
-    res = gptq_quantize(w, h, IntGrid(4, -1, True), act_order=False)
+    res = gptq_quantize(w, h, IntGrid(4, -1, True), GPTQSolver(act_order=False))
     assert torch.all(_dequant(res, IntGrid(4, -1, True))[:, 5] == 0)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lowbit import api
-from lowbit.algorithms.gptq import gptq_quantize
+from lowbit.algorithms.gptq import GPTQSolver, gptq_quantize
 from lowbit.algorithms.linearwise import relative_errors
 from lowbit.algorithms.spqr import (
     SpQRConfig,
@@ -69,7 +69,7 @@ def test_spqr_error_below_gptq_at_comparable_bits(gptq_bits, gptq_group, percdam
     (strong damping weakens both on this anisotropic Hessian, SpQR stays ahead)."""
     w, h, stored = _default_problem(percdamp)
     grid = IntGrid(gptq_bits, gptq_group, symmetric=False)
-    res = gptq_quantize(w, h, grid, percdamp, act_order=True)
+    res = gptq_quantize(w, h, grid, GPTQSolver(percdamp, act_order=True))
     gptq = PackedIntWeight.from_codes(res.codes, res.scales, res.zeros, grid, res.perm)
     assert stored.bits_per_weight() <= gptq.bits_per_weight() + 0.1
     err_spqr = relative_errors(w, stored.dequantize(), h)[1]

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from test_gptq import _problem as gptq_problem
 
 from lowbit import api
-from lowbit.algorithms.gptq import gptq_quantize_blocks
+from lowbit.algorithms.gptq import GPTQSolver, gptq_quantize_blocks
 from lowbit.algorithms.linearwise import relative_errors
 from lowbit.algorithms.zqfp import SCALE_CONSTRAINTS, ZQFPConfig
 from lowbit.cli.main import main
@@ -56,7 +56,7 @@ def test_gptq_with_diagonal_hessian_is_rtn(constraint, act_order, static):
     w[3] = 0
     h = torch.diag(torch.linspace(0.5, 2.0, 100))
     cfg = _cfg("fp4_e2m1", 32, constraint)
-    q, _ = gptq_quantize_blocks(w, h, cfg, 0.01, act_order, static, block_size=48)
+    q, _ = gptq_quantize_blocks(w, h, cfg, GPTQSolver(0.01, act_order, static, block_size=48))
     r = quantize_blocks(w, cfg)
     assert torch.equal(q.codes, r.codes)
     assert torch.equal(q.scales.scales, r.scales.scales)
@@ -77,7 +77,7 @@ def test_gptq_with_diagonal_hessian_is_rtn(constraint, act_order, static):
 def test_fp_gptq_output_error_below_fp_rtn(elem, constraint, act_order, static):
     w, h = _problem()
     cfg = _cfg(elem, 32, constraint)
-    q, _ = gptq_quantize_blocks(w, h, cfg, 0.01, act_order, static, block_size=32)
+    q, _ = gptq_quantize_blocks(w, h, cfg, GPTQSolver(0.01, act_order, static, block_size=32))
     _, err_gptq = relative_errors(w, q.dequantize(), h)
     _, err_rtn = relative_errors(w, quantize_blocks(w, cfg).dequantize(), h)
     assert err_gptq < 0.5 * err_rtn  # measured at most 0.302 (fp4 m2, act-order)
@@ -86,13 +86,15 @@ def test_fp_gptq_output_error_below_fp_rtn(elem, constraint, act_order, static):
 def test_block_gptq_refuses_act_order_with_dynamic_groups():
     w, h = _problem()
     with pytest.raises(LowbitError, match="permutation"):
-        gptq_quantize_blocks(w, h, _cfg("fp4_e2m1", 32, "m1"), act_order=True, static_groups=False)
+        solver = GPTQSolver(act_order=True, static_groups=False)
+        gptq_quantize_blocks(w, h, _cfg("fp4_e2m1", 32, "m1"), solver)
 
 
 def test_m1_m2_effective_scales_are_powers_of_two():
     w, h = _problem()
     for constraint in ("m1", "m2"):
-        q, _ = gptq_quantize_blocks(w, h, _cfg("fp4_e2m1", 32, constraint), act_order=False)
+        cfg = _cfg("fp4_e2m1", 32, constraint)
+        q, _ = gptq_quantize_blocks(w, h, cfg, GPTQSolver(act_order=False, static_groups=True))
         base = 1.0 if constraint == "m1" else q.scales.row_scales.float()[:, None]
         mant, _ = torch.frexp(q.scales.effective() / base)
         assert torch.all(mant == 0.5), constraint
@@ -100,15 +102,12 @@ def test_m1_m2_effective_scales_are_powers_of_two():
 
 def test_config_derives_bits_and_checks_choices():
     c = ZQFPConfig(group_size=64)
-    assert (c.bits, c.abits, c.static_groups, c.weight_format, c.act_format) == (
-        4,
-        8,
-        True,
-        "fp4_e2m1",
-        "fp8_e4m3",
-    )
+    assert (c.bits, c.abits) == (0, 0)  # as given: "from the format", never rewritten
+    assert (c.weight_spec.bits, c.act_spec.bits, c.static_groups) == (4, 8, True)
+    assert (c.weight_format, c.act_format) == ("fp4_e2m1", "fp8_e4m3")
     assert ZQFPConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
-    assert ZQFPConfig(weight_format="int8", act_format="none").abits == 16
+    int8 = ZQFPConfig(weight_format="int8", act_format="none")
+    assert (int8.abits, int8.act_spec.bits, int8.act_spec.quantized) == (0, 16, False)
     assert ZQFPConfig(weight_format="int4").block_config is None
     assert ZQFPConfig(scale_constraint="m2").block_config == BlockScaledConfig(
         "fp4_e2m1", 128, "fp16", "m2"
@@ -230,7 +229,8 @@ def test_cli_m1_int8_static_writes_simulated_report(smollm2_2blocks, tmp_path, c
     ]
     assert main(argv) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["config"]["scale_constraint"] == "m1" and report["config"]["abits"] == 8
+    assert report["config"]["scale_constraint"] == "m1"
+    assert report["config"]["abits"] == 0  # as given: from --act-format (act_spec.bits 8)
     assert len(report["layers"]) == 8  # attention only
     assert all(r["extra"]["activations"] == "int8 per-tensor, simulated" for r in report["layers"])
     assert report["avg_bits"] == pytest.approx(4 + 8 / 64, abs=1e-3)  # + one fp32 act scale

@@ -18,6 +18,7 @@ import torch
 
 from lowbit.algorithms.linearwise import Solution, quantize_linearwise
 from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.core.config import option
 from lowbit.core.method import register
 from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
@@ -31,33 +32,68 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class GPTQConfig(IntWeightConfig):
-    """GPTQ settings (defaults of the reference code, act-order on).
+class GPTQSolver:
+    """The GPTQ loop's settings, passed as one object through :func:`gptq_columns`,
+    :func:`gptq_quantize`, :func:`gptq_quantize_blocks` and SpQR's loop: damping ``percdamp``
+    (a fraction of mean(diag H), in (0, 10]), ``act_order`` (columns by decreasing diag(H)),
+    ``static_groups`` (group statistics from the original weights, up front) and
+    ``block_size`` (columns per lazy update, >= 1). Method configs give theirs as
+    ``config.solver``."""
 
-    Attributes:
-        percdamp: damping as a fraction of mean(diag H).
-        act_order: quantize columns by decreasing diag(H); the order is stored when groups
-            follow it (dynamic groups), not when ``static_groups`` is set.
-        static_groups: group statistics from the original weights before any update, in the
-            original column order (no permutation stored at inference).
-        block_size: columns per lazy update block.
-        true_sequential: collect each sequential group's Hessians after the previous group is
-            quantized (q/k/v, then o, then gate/up, then down).
-    """
-
-    method = "gptq"
     percdamp: float = 0.01
     act_order: bool = True
     static_groups: bool = False
     block_size: int = 128
-    true_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.percdamp <= 10:
+            raise LowbitError(f"percdamp must be in (0, 10], got {self.percdamp} (--percdamp)")
+        if self.block_size < 1:
+            raise LowbitError(f"block_size must be >= 1, got {self.block_size} (--block-size)")
+
+
+DEFAULT_SOLVER = GPTQSolver()  # the reference code's defaults
+STATIC_SOLVER = GPTQSolver(static_groups=True)  # block-scaled weights store no permutation
+
+
+@dataclass(frozen=True)
+class GPTQSettings(IntWeightConfig):
+    """The settings every GPTQ-based method shares (GPTQ, SpQR, ZeroQuant-FP): one declaration
+    of the solver's fields and ``true_sequential``; a method with other defaults redeclares a
+    field with :func:`~lowbit.algorithms.weight_config.with_default`. :attr:`solver` is the
+    :class:`GPTQSolver` they make (dynamic groups here; GPTQ adds ``static_groups``)."""
+
+    percdamp: float = option(0.01, "damping as a fraction of mean(diag H)")
+    act_order: bool = option(True, "quantize columns by decreasing diag(H); the order is stored "
+                                   "when groups follow it (dynamic groups), not with static "
+                                   "groups")
+    block_size: int = option(128, "columns per lazy update block")
+    true_sequential: bool = option(True, "collect each sequential group's Hessians after the "
+                                         "previous group is quantized (q/k/v, then o, then "
+                                         "gate/up, then down)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.percdamp <= 10:
-            raise LowbitError(f"percdamp must be in (0, 10], got {self.percdamp}")
-        if self.block_size < 1:
-            raise LowbitError(f"block_size must be >= 1, got {self.block_size}")
+        self.solver  # noqa: B018  (validates percdamp and block_size)
+
+    @property
+    def solver(self) -> GPTQSolver:
+        return GPTQSolver(self.percdamp, self.act_order, False, self.block_size)
+
+
+@dataclass(frozen=True)
+class GPTQConfig(GPTQSettings):
+    """GPTQ settings (defaults of the reference code, act-order on): the shared solver
+    settings of :class:`GPTQSettings` plus static groups."""
+
+    method = "gptq"
+    static_groups: bool = option(False, "group statistics from the original weights before any "
+                                        "update, in the original column order (no permutation "
+                                        "stored at inference)")
+
+    @property
+    def solver(self) -> GPTQSolver:
+        return GPTQSolver(self.percdamp, self.act_order, self.static_groups, self.block_size)
 
 
 def inverse_hessian_cholesky(
@@ -243,10 +279,7 @@ def gptq_columns(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     quantizer: ColumnQuantizer,
-    percdamp: float = 0.01,
-    act_order: bool = True,
-    static_groups: bool = False,
-    block_size: int = 128,
+    solver: GPTQSolver = DEFAULT_SOLVER,
 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """The GPTQ loop on any column grid: minimise tr(E H E^T) for W ``[R, C]``, H ``[C, C]``.
 
@@ -257,12 +290,13 @@ def gptq_columns(
     w, h = prepare_hessian(weight, hessian)
     rows, cols = w.shape
     group = quantizer.group_width(cols)
+    static_groups, block_size = solver.static_groups, solver.block_size
     if static_groups:
         quantizer.fit_static(w)
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    perm = torch.argsort(torch.diag(h), descending=True) if solver.act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-    upper, used = inverse_hessian_cholesky(h, percdamp)
+    upper, used = inverse_hessian_cholesky(h, solver.percdamp)
     codes = None  # allocated with the dtype of the quantizer's codes
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -293,16 +327,11 @@ def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     grid: IntGrid,
-    percdamp: float = 0.01,
-    act_order: bool = True,
-    static_groups: bool = False,
-    block_size: int = 128,
+    solver: GPTQSolver = DEFAULT_SOLVER,
 ) -> GPTQResult:
     """Quantize ``weight`` ``[R, C]`` on ``grid`` minimising tr(E H E^T), H ``[C, C]``."""
     quantizer = IntColumns(grid, *weight.shape)
-    codes, perm, used = gptq_columns(
-        weight, hessian, quantizer, percdamp, act_order, static_groups, block_size
-    )
+    codes, perm, used = gptq_columns(weight, hessian, quantizer, solver)
     return GPTQResult(codes, quantizer.scales, quantizer.zeros, perm, used)
 
 
@@ -310,31 +339,27 @@ def gptq_quantize_blocks(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     cfg: BlockScaledConfig,
-    percdamp: float = 0.01,
-    act_order: bool = True,
-    static_groups: bool = True,
-    block_size: int = 128,
+    solver: GPTQSolver = STATIC_SOLVER,
 ) -> tuple[BlockQuantized, float]:
     """GPTQ onto a block-scaled format (FP4/FP8 with amax, M1 or M2 scales, ...).
 
     Args:
         weight: ``[R, C]`` float; hessian: ``[C, C]``.
-        static_groups: scales from the original weights (required with ``act_order``: a
-            block-scaled weight stores no column permutation); otherwise each group's scale is
-            fitted on the error-updated weights when GPTQ reaches its first column.
+        solver: with ``static_groups`` (the default here) scales come from the original
+            weights (required with ``act_order``: a block-scaled weight stores no column
+            permutation); otherwise each group's scale is fitted on the error-updated weights
+            when GPTQ reaches its first column.
     Returns:
         The quantized weight (codes ``[R, C]`` uint8 in input order, its scales) and the
         percdamp used.
     """
-    if act_order and not static_groups:
+    if solver.act_order and not solver.static_groups:
         raise LowbitError(
             "block-scaled weights store no column permutation: use static groups with "
             "act-order, or turn act-order off to fit each group's scale as GPTQ reaches it"
         )
     quantizer = BlockColumns(cfg, prepare_hessian(weight, hessian)[0])
-    codes, _, used = gptq_columns(
-        weight, hessian, quantizer, percdamp, act_order, static_groups, block_size
-    )
+    codes, _, used = gptq_columns(weight, hessian, quantizer, solver)
     return quantizer.result(codes), used
 
 
@@ -345,17 +370,10 @@ def _static_params(w: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.
     return scale.squeeze(-1), zero.squeeze(-1)
 
 
-def gptq_solve(config: GPTQConfig, weight: torch.Tensor, hessian: torch.Tensor) -> Solution:
-    res = gptq_quantize(
-        weight,
-        hessian,
-        config.grid,
-        config.percdamp,
-        config.act_order,
-        config.static_groups,
-        config.block_size,
-    )
-    stored = PackedIntWeight.from_codes(res.codes, res.scales, res.zeros, config.grid, res.perm)
+def gptq_solve(config: GPTQSettings, weight: torch.Tensor, hessian: torch.Tensor) -> Solution:
+    grid = config.grid
+    res = gptq_quantize(weight, hessian, grid, config.solver)
+    stored = PackedIntWeight.from_codes(res.codes, res.scales, res.zeros, grid, res.perm)
     return Solution(stored, {"percdamp": res.percdamp})
 
 

@@ -28,12 +28,13 @@ from torch import nn
 from lowbit.algorithms.gptq import GPTQConfig
 from lowbit.algorithms.lrqat_train import RESUME_NEUTRAL, start_fingerprint, train
 from lowbit.algorithms.rtn import RTNConfig
-from lowbit.algorithms.weight_config import IntWeightConfig, check_rank
-from lowbit.core.config import MethodConfig
+from lowbit.algorithms.weight_config import IntWeightConfig, check_rank, with_default
+from lowbit.core.config import MethodConfig, option
 from lowbit.core.method import register_model
 from lowbit.core.report import LayerReport
 from lowbit.data.calibration import check_seed
 from lowbit.errors import LowbitError
+from lowbit.formats.granularity import Group
 from lowbit.formats.intq import IntGrid, expand_groups
 from lowbit.formats.packed_int import PackedIntWeight
 from lowbit.formats.range_search import lp_scales
@@ -50,6 +51,7 @@ from lowbit.nn.fake_quant_linear import (
 from lowbit.nn.quant_linear import QuantLinear
 
 INITS = ("lp", "rtn", "gptq")
+TRAIN_DTYPES = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -57,60 +59,56 @@ class LRQATConfig(IntWeightConfig):
     """LR-QAT settings (defaults: the authors' W4 per-channel recipe, scaled down for CPUs).
 
     The grid is signed symmetric (``symmetric`` must stay true), per output channel by default.
-
-    Attributes:
-        rank: rank r of the auxiliary matrices A [out, r] (zero init) and B [r, in] (Kaiming).
-        alpha: the low-rank product is scaled by alpha / rank (authors' code default 1).
-        phi: downcast of the frozen weights Phi0 = phi(W0 / s0): fixed_point8 (int8 with 8 - bits
-            fractional bits: Q4.4 at 4 bits), int (rounded integers in int8), bf16, fp16, fp32.
-        init: initial scales s0 and Phi0: lp (L^p grid search on the weights), rtn or gptq (a
-            PTQ run on the calibration data: Phi0 = its integer codes, s0 = its scales).
-        lp_norm: p of the L^p range search.
-        lp_candidates: clipping thresholds tried per group by the L^p search.
-        full_qat: full-QAT baseline: train every quantized linear's float weights (and scales)
-            through the same fake quantizer instead of the low-rank matrices.
-        steps: optimizer steps (0: no training, the initial grid is merged as is).
-        lr: learning rate of A and B.
-        scale_lr: learning rate of the scales.
-        weight_lr: learning rate of the float weights (full_qat only).
-        warmup_ratio: fraction of the steps with linear warm-up; then linear decay.
-        adam_beta2: AdamW beta2 (beta1 0.9).
-        weight_decay: AdamW weight decay.
-        max_grad_norm: clip the global gradient norm to this (0: no clipping).
-        batch_size: training sequences per step.
-        train_seqlen: tokens per training sequence.
-        train_corpus: training text: bundled corpus name or text file (random windows).
-        train_seed: seed of the training windows, of B's init and of the global RNG.
-        train_dtype: matmul precision of the training forward: bf16 (autocast, as the authors
-            train; W_hat itself is always computed in fp32) or fp32.
-        grad_checkpointing: recompute each decoder block's activations in the backward pass.
-        checkpoint_every: save resumable training state every this many steps (0: never).
     """
 
     method = "lrqat"
-    group_size: int = -1
-    rank: int = 32
-    alpha: float = 1.0
-    phi: str = "fixed_point8"
-    init: str = "lp"
-    lp_norm: float = 4.0
-    lp_candidates: int = 100
-    full_qat: bool = False
-    steps: int = 200
-    lr: float = 1e-3
-    scale_lr: float = 1e-5
-    weight_lr: float = 5e-5
-    warmup_ratio: float = 0.1
-    adam_beta2: float = 0.95
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 4
-    train_seqlen: int = 512
-    train_corpus: str = "austen-emma"
-    train_seed: int = 0
-    train_dtype: str = "bf16"
-    grad_checkpointing: bool = True
-    checkpoint_every: int = 50
+    group_size: int = with_default(IntWeightConfig, "group_size", -1)
+    rank: int = option(32, "rank r of the auxiliary matrices A [out, r] (zero init) and B "
+                           "[r, in] (Kaiming)")
+    alpha: float = option(1.0, "the low-rank product is scaled by alpha / rank (authors' code "
+                               "default 1)")
+    phi: str = option(
+        "fixed_point8",
+        "downcast of the frozen weights Phi0 = phi(W0 / s0): fixed_point8 (int8 with 8 - bits "
+        "fractional bits: Q4.4 at 4 bits), int (rounded integers in int8), bf16, fp16, fp32",
+        choices=tuple(PHIS),
+    )
+    init: str = option(
+        "lp",
+        "initial scales s0 and Phi0: lp (L^p grid search on the weights), rtn or gptq (a PTQ "
+        "run on the calibration data: Phi0 = its integer codes, s0 = its scales)",
+        choices=INITS,
+    )
+    lp_norm: float = option(4.0, "p of the L^p range search")
+    lp_candidates: int = option(100, "clipping thresholds tried per group by the L^p search")
+    full_qat: bool = option(False, "full-QAT baseline: train every quantized linear's float "
+                                   "weights (and scales) through the same fake quantizer instead "
+                                   "of the low-rank matrices")
+    steps: int = option(200, "optimizer steps (0: no training, the initial grid is merged as is)")
+    lr: float = option(1e-3, "learning rate of A and B")
+    scale_lr: float = option(1e-5, "learning rate of the scales")
+    weight_lr: float = option(5e-5, "learning rate of the float weights (full_qat only)")
+    warmup_ratio: float = option(0.1, "fraction of the steps with linear warm-up; then linear "
+                                      "decay")
+    adam_beta2: float = option(0.95, "AdamW beta2 (beta1 0.9)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    batch_size: int = option(4, "training sequences per step")
+    train_seqlen: int = option(512, "tokens per training sequence")
+    train_corpus: str = option("austen-emma", "training text: bundled corpus name or text file "
+                                              "(random windows)")
+    train_seed: int = option(0, "seed of the training windows, of B's init and of the global "
+                                "RNG")
+    train_dtype: str = option(
+        "bf16",
+        "matmul precision of the training forward: bf16 (autocast, as the authors train; W_hat "
+        "itself is always computed in fp32) or fp32",
+        choices=TRAIN_DTYPES,
+    )
+    grad_checkpointing: bool = option(True, "recompute each decoder block's activations in the "
+                                            "backward pass")
+    checkpoint_every: int = option(50, "save resumable training state every this many steps "
+                                       "(0: never)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,7 +141,7 @@ class LRQATConfig(IntWeightConfig):
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
         _check(self.train_seqlen >= 2, "--train-seqlen must be >= 2")
         _check(self.checkpoint_every >= 0, "--checkpoint-every must be >= 0")
-        _check(self.train_dtype in ("bf16", "fp32"), "--train-dtype must be bf16 or fp32")
+        _check(self.train_dtype in TRAIN_DTYPES, "--train-dtype must be bf16 or fp32")
         check_seed(self.train_seed, "--train-seed")
 
     def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
@@ -163,7 +161,8 @@ class LRQATConfig(IntWeightConfig):
             "ignore": self.ignore,
         }
         if self.init == "gptq":
-            return GPTQConfig(**grid, static_groups=self.group_size != -1)
+            static = isinstance(self.weight_spec.granularity, Group)
+            return GPTQConfig(**grid, static_groups=static)
         return RTNConfig(**grid)
 
     def resume_key(self) -> dict[str, Any]:
@@ -185,7 +184,7 @@ def ptq_grid(stored: PackedIntWeight, grid: IntGrid) -> tuple[torch.Tensor, torc
     zero = expand_groups(stored.zero_points(), stored.grid.group_width(cols), cols)
     ints = stored.codes().float() - zero
     if stored.perm is not None:
-        if stored.grid.group_size != -1:
+        if isinstance(stored.grid.granularity, Group):
             raise LowbitError("a PTQ start with act-order groups needs static groups")
         ints = ints[:, torch.argsort(stored.perm.long())]
     return ints, stored.scales.float()
@@ -193,7 +192,7 @@ def ptq_grid(stored: PackedIntWeight, grid: IntGrid) -> tuple[torch.Tensor, torc
 
 def make_layer(module: nn.Module, config: LRQATConfig, generator) -> FakeQuantLinear:
     """The trainable fake-quantized replacement of an ``nn.Linear`` or a PTQ ``QuantLinear``."""
-    grid = IntGrid(config.bits, config.group_size, True)
+    grid = config.grid
     cols = module.in_features
     if isinstance(module, QuantLinear):
         ratio, scale = ptq_grid(module.stored_weight(), grid)
@@ -207,7 +206,7 @@ def make_layer(module: nn.Module, config: LRQATConfig, generator) -> FakeQuantLi
     bias = module.bias
     if config.full_qat:
         return QATLinear(weight, scale, grid, bias)
-    phi0 = downcast(ratio, config.phi, config.bits)
+    phi0 = downcast(ratio, config.phi, grid.bits)
     return LRQATLinear(phi0, config.phi, scale, grid, config.rank, config.alpha, bias, generator)
 
 

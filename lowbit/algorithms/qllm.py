@@ -52,6 +52,7 @@ from lowbit.algorithms.wa_quant import (
     search_windows,
 )
 from lowbit.algorithms.weight_config import check_rank
+from lowbit.core.config import option
 from lowbit.core.method import register
 from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
@@ -61,42 +62,37 @@ from lowbit.nn.quant_linear import QuantLinear
 
 @dataclass(frozen=True)
 class QLLMConfig(WAConfig):
-    """QLLM settings (weights and activations: see :class:`WAConfig`).
-
-    Attributes:
-        reassembly: adaptive channel reassembly on the inputs of q/k/v, gate/up and down.
-        assemble: merge similar channel pairs to keep the channel count (off: the input widens
-            by the disassembled channels).
-        pair_score: code (the authors' ``((sum w_a + sum w_b) ||x_a - x_b||)^2``) or eq5 (the
-            paper's ``||(x_a - x_b)(w_a - w_b) / 2||^2``).
-        channel_ratio: cap on extra channels per input, as a fraction of its width.
-        search_steps: thresholds tried per input (spread over the extra-channel counts).
-        fold_scales: fold the reassembly's divisors into the norm gain or up_proj rows that
-            produce the input, leaving a pure gather at run time.
-        correction: efficient error correction (low-rank terms and norm gains trained per
-            group of blocks, merged and re-quantized).
-        group_blocks: blocks per error-correction group (4 in the paper; 1 for tight memory).
-        rank: rank of the low-rank terms. alpha: their scale is alpha / rank.
-        lr: AdamW learning rate. epochs: passes over the calibration windows per group.
-        micro_batch: calibration windows per optimizer step.
-        tune_norms: also train the gains of the norms feeding the linears.
-    """
+    """QLLM settings: the weights and activations of :class:`WAConfig`, the channel reassembly
+    and the efficient error correction."""
 
     method = "qllm"
-    reassembly: bool = True
-    assemble: bool = True
-    pair_score: str = "code"
-    channel_ratio: float = 0.1
-    search_steps: int = 12
-    fold_scales: bool = True
-    correction: bool = True
-    group_blocks: int = 4
-    rank: int = 4
-    alpha: float = 1.0
-    lr: float = 5e-4
-    epochs: int = 10
-    micro_batch: int = 1
-    tune_norms: bool = True
+    reassembly: bool = option(True, "adaptive channel reassembly on the inputs of q/k/v, "
+                                    "gate/up and down")
+    assemble: bool = option(True, "merge similar channel pairs to keep the channel count (off: "
+                                  "the input widens by the disassembled channels)")
+    pair_score: str = option(
+        "code",
+        "code (the authors' ((sum w_a + sum w_b) ||x_a - x_b||)^2) or eq5 (the paper's "
+        "||(x_a - x_b)(w_a - w_b) / 2||^2)",
+        choices=tuple(PAIR_SCORES),
+    )
+    channel_ratio: float = option(0.1, "cap on extra channels per input, as a fraction of its "
+                                       "width")
+    search_steps: int = option(12, "thresholds tried per input (spread over the extra-channel "
+                                   "counts)")
+    fold_scales: bool = option(True, "fold the reassembly's divisors into the norm gain or "
+                                     "up_proj rows that produce the input, leaving a pure "
+                                     "gather at run time")
+    correction: bool = option(True, "efficient error correction (low-rank terms and norm gains "
+                                    "trained per group of blocks, merged and re-quantized)")
+    group_blocks: int = option(4, "blocks per error-correction group (4 in the paper; 1 for "
+                                  "tight memory)")
+    rank: int = option(4, "rank of the low-rank terms")
+    alpha: float = option(1.0, "scale of the low-rank terms: alpha / rank")
+    lr: float = option(5e-4, "AdamW learning rate")
+    epochs: int = option(10, "passes over the calibration windows per group")
+    micro_batch: int = option(1, "calibration windows per optimizer step")
+    tune_norms: bool = option(True, "also train the gains of the norms feeding the linears")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,8 +22,9 @@ class RTNConfig(IntWeightConfig):
 
 
 def rtn_solve(config: RTNConfig, weight: torch.Tensor, hessian: torch.Tensor) -> Solution:
-    codes, scales, zeros = rtn_quantize(weight.detach().float(), config.grid)
-    return Solution(PackedIntWeight.from_codes(codes, scales, zeros, config.grid), {})
+    grid = config.grid
+    codes, scales, zeros = rtn_quantize(weight.detach().float(), grid)
+    return Solution(PackedIntWeight.from_codes(codes, scales, zeros, grid), {})
 
 
 @register(

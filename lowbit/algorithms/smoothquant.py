@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.algorithms.wa_quant import WAConfig, input_stats, quantized_linear
+from lowbit.core.config import option
 from lowbit.core.method import register
 from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
@@ -28,14 +29,11 @@ PRODUCERS = {"mlp.down_proj": "mlp.up_proj", "fc2": "fc1"}
 
 @dataclass(frozen=True)
 class SmoothQuantConfig(WAConfig):
-    """SmoothQuant (weights and activations: see :class:`WAConfig`).
-
-    Attributes:
-        smooth_alpha: migration strength (0.5 in the paper; 0 = no smoothing).
-    """
+    """SmoothQuant: the weights and activations of :class:`WAConfig`, after migrating the
+    activations' outliers into the weights."""
 
     method = "smoothquant"
-    smooth_alpha: float = 0.5
+    smooth_alpha: float = option(0.5, "migration strength (0.5 in the paper; 0 = no smoothing)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.gptq import inverse_hessian_cholesky, prepare_hessian
+from lowbit.algorithms.gptq import GPTQSettings, inverse_hessian_cholesky, prepare_hessian
 from lowbit.algorithms.linearwise import Solution, quantize_linearwise
-from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.algorithms.weight_config import IntWeightConfig, with_default
+from lowbit.core.config import option
 from lowbit.core.method import register
 from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
@@ -47,37 +48,25 @@ _TINY = 2.0**-24  # smallest fp16 subnormal: a floor for the divisor when roundi
 
 
 @dataclass(frozen=True)
-class SpQRConfig(IntWeightConfig):
-    """SpQR settings (the paper's defaults: 3-bit weights, 16x16 groups, 3-bit statistics).
-
-    Attributes:
-        bits: weight code width ``b_w``.
-        group_size: ``beta1``, consecutive (permuted) input columns per first-level group;
-            -1 = one group per row.
-        symmetric: must stay False (SpQR statistics are asymmetric).
-        beta2: rows per second-level group of the bilevel statistics.
-        qq_scale_bits, qq_zero_bits: widths of the quantized first-level scales and zeros.
-        outlier_threshold: ``tau`` relative to the layer's outlier scale (``inf``: no outliers).
-        percdamp: damping as a fraction of mean(diag H) (the authors use 1.0 for SpQR).
-        act_order: quantize columns by decreasing diag(H); the permutation is stored.
-        simplified_outliers: skip the leave-one-out exclusion when fitting statistics.
-        block_size: columns per lazy GPTQ update (rounded down to whole groups, at least one).
-        true_sequential: collect each sequential group's Hessians after the previous group.
-    """
+class SpQRConfig(GPTQSettings):
+    """SpQR settings (the paper's defaults: 3-bit weights, 16x16 groups, 3-bit statistics):
+    ``group_size`` is the paper's ``beta1`` (consecutive permuted input columns per first-level
+    group), the weights are asymmetric, the solver settings are GPTQ's (:class:`GPTQSettings`,
+    with the authors' ``percdamp`` 1.0 for SpQR; ``block_size`` is rounded down to whole groups,
+    at least one; the permutation of ``act_order`` is stored)."""
 
     method = "spqr"
-    bits: int = 3
-    group_size: int = 16
-    symmetric: bool = False
-    beta2: int = 16
-    qq_scale_bits: int = 3
-    qq_zero_bits: int = 3
-    outlier_threshold: float = 0.2
-    percdamp: float = 1.0
-    act_order: bool = True
-    simplified_outliers: bool = False
-    block_size: int = 128
-    true_sequential: bool = True
+    bits: int = with_default(IntWeightConfig, "bits", 3)
+    group_size: int = with_default(IntWeightConfig, "group_size", 16)
+    symmetric: bool = with_default(IntWeightConfig, "symmetric", False)
+    percdamp: float = with_default(GPTQSettings, "percdamp", 1.0)
+    beta2: int = option(16, "rows per second-level group of the bilevel statistics")
+    qq_scale_bits: int = option(3, "width of the quantized first-level scales")
+    qq_zero_bits: int = option(3, "width of the quantized first-level zeros")
+    outlier_threshold: float = option(0.2, "tau relative to the layer's outlier scale (inf: no "
+                                           "outliers)")
+    simplified_outliers: bool = option(False, "skip the leave-one-out exclusion when fitting "
+                                              "statistics")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,14 +82,10 @@ class SpQRConfig(IntWeightConfig):
                 f"outlier_threshold must be > 0 (inf disables outliers), got "
                 f"{self.outlier_threshold}"
             )
-        if not 0 < self.percdamp <= 10:
-            raise LowbitError(f"percdamp must be in (0, 10], got {self.percdamp}")
-        if self.block_size < 1:
-            raise LowbitError(f"block_size must be >= 1, got {self.block_size}")
 
     @property
     def grid(self) -> IntGrid:
-        return IntGrid(self.bits, self.group_size, symmetric=False, round_zero=False)
+        return IntGrid.from_spec(self.weight_spec, round_zero=False)
 
 
 @dataclass
@@ -165,14 +150,14 @@ def fit_group(
 
     Returns (scale stats, zero stats, number of weights left out of the fit).
     """
-    excluded = 0
+    excluded, bits = 0, config.grid.bits
     if not config.simplified_outliers and math.isfinite(threshold):
-        keep = leave_one_out_gain(window, d, config.bits) <= threshold
+        keep = leave_one_out_gain(window, d, bits) <= threshold
         excluded = int((~keep).sum())
         if excluded:
             fill = (window * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
             window = torch.where(keep, window, fill)
-    scale, zero = minmax_params(window, config.bits, symmetric=False, round_zero=False)
+    scale, zero = minmax_params(window, bits, symmetric=False, round_zero=False)
     flat = (window == 0).all(dim=1, keepdim=True)  # minmax_params gives these rows scale 1
     if bool(flat.any()) and not bool(flat.all()):
         scale = torch.where(flat, scale[~flat].min(), scale)  # keep the stats' range tight
@@ -196,18 +181,19 @@ def _concat(stats: list[BilevelStats]) -> BilevelStats:
 
 def spqr_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: SpQRConfig) -> SpQRResult:
     """Quantize ``weight [R, C]`` with SpQR, minimising tr(E H E^T) for ``hessian [C, C]``."""
+    solver, grid = config.solver, config.grid
     w, h = prepare_hessian(weight, hessian)
     rows, cols = w.shape
-    perm = torch.argsort(torch.diag(h), descending=True) if config.act_order else None
+    perm = torch.argsort(torch.diag(h), descending=True) if solver.act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-    upper, used = inverse_hessian_cholesky(h, config.percdamp)
+    upper, used = inverse_hessian_cholesky(h, solver.percdamp)
     del h
     d = torch.diag(upper)
     threshold = config.outlier_threshold * float((w.var(dim=0) / d.square()).mean())
     find_outliers = math.isfinite(threshold)
-    group = config.grid.group_width(cols)
-    step = max(1, config.block_size // group) * group
+    group = grid.group_width(cols)
+    step = max(1, solver.block_size // group) * group
     # column-major working copy: column c is the contiguous row wt[c]
     wt = w.t().contiguous()
     codes = torch.zeros(cols, rows, dtype=torch.uint8)
@@ -225,7 +211,7 @@ def spqr_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: SpQRConfi
                 excluded += n_out
                 scale, zero = s_stats.dequantize()[:, 0], z_stats.dequantize()[:, 0]
             x = wt[col]
-            q = quantize(x, scale.clamp(min=_TINY), zero, config.bits)
+            q = quantize(x, scale.clamp(min=_TINY), zero, grid.bits)
             used_col = dequantize(q, scale, zero)
             if find_outliers:
                 is_outlier = ((x - used_col) / d[col]).square() > threshold
@@ -254,10 +240,11 @@ def spqr_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: SpQRConfi
 
 def spqr_solve(config: SpQRConfig, weight: torch.Tensor, hessian: torch.Tensor) -> Solution:
     res = spqr_quantize(weight, hessian, config)
+    grid = config.grid
     stored = SpQRWeight.from_parts(
         res.codes,
-        config.bits,
-        config.grid.group_width(weight.shape[1]),
+        grid.bits,
+        grid.group_width(weight.shape[1]),
         res.scale_stats,
         res.zero_stats,
         res.outliers,

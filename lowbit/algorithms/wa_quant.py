@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.algorithms.weight_config import IntWeightConfig, with_default
 from lowbit.core.block_output import StopBlock, block_output
+from lowbit.core.config import option
 from lowbit.errors import LowbitError
 from lowbit.formats.intq import rtn_quantize
 from lowbit.formats.packed_int import PackedIntWeight
+from lowbit.formats.spec import ActSpec
 from lowbit.nn.act_quant import ActQuantizer
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.nn.reassembly import ChannelReassembly
@@ -24,37 +26,35 @@ from lowbit.nn.reassembly import ChannelReassembly
 
 @dataclass(frozen=True)
 class WAConfig(IntWeightConfig):
-    """Integer weights and activations.
+    """Integer weights and activations: the weights as :class:`IntWeightConfig` (per output
+    channel, asymmetric by default), the activations per-token integers of ``abits``
+    (:attr:`act_spec`; 16 = not quantized)."""
 
-    Attributes:
-        abits: activation bits, 2..8 (per-token integer), or 16 (activations not quantized).
-        act_symmetric: symmetric activation grid (default: asymmetric, as QLLM).
-        search_windows: calibration windows on which candidates (thresholds, smoothing) are
-            compared against the full-precision block.
-        sample_tokens: input tokens kept per linear group for statistics that need samples.
-    """
-
-    bits: int = 4
-    group_size: int = -1
-    symmetric: bool = False
-    abits: int = 4
-    act_symmetric: bool = False
-    search_windows: int = 4
-    sample_tokens: int = 2048
+    group_size: int = with_default(IntWeightConfig, "group_size", -1)
+    symmetric: bool = with_default(IntWeightConfig, "symmetric", False)
+    abits: int = option(4, "activation bits, 2..8 (per-token integer), or 16 (activations not "
+                           "quantized)")
+    act_symmetric: bool = option(False, "symmetric activation grid (default: asymmetric, as "
+                                        "QLLM)")
+    search_windows: int = option(4, "calibration windows on which candidates (thresholds, "
+                                    "smoothing) are compared against the full-precision block")
+    sample_tokens: int = option(2048, "input tokens kept per linear group for statistics that "
+                                      "need samples")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.abits != 16 and not 2 <= self.abits <= 8:
-            raise LowbitError(
-                f"abits must be 2..8 (integer activations) or 16 (not quantized), got {self.abits}"
-            )
+        self.act_spec  # noqa: B018  (validates abits)
         if self.search_windows < 1 or self.sample_tokens < 1:
             raise LowbitError("search_windows and sample_tokens must be >= 1")
 
+    @property
+    def act_spec(self) -> ActSpec:
+        """``int{abits}`` per token (``act_symmetric``), or not quantized for 16."""
+        return ActSpec.integer(self.abits, "token", self.act_symmetric)
+
     def act_quantizer(self) -> ActQuantizer | None:
-        if self.abits == 16:
-            return None
-        return ActQuantizer(f"int{self.abits}", "token", symmetric=self.act_symmetric)
+        spec = self.act_spec
+        return ActQuantizer.from_spec(spec) if spec.quantized else None
 
 
 def quantized_linear(
@@ -65,8 +65,9 @@ def quantized_linear(
 ) -> QuantLinear:
     """``weight`` ``[R, C']`` rounded to nearest on ``config``'s grid, with activation
     quantization and the optional input reassembly."""
-    codes, scales, zeros = rtn_quantize(weight.detach().float(), config.grid)
-    stored = PackedIntWeight.from_codes(codes, scales, zeros, config.grid)
+    grid = config.grid
+    codes, scales, zeros = rtn_quantize(weight.detach().float(), grid)
+    stored = PackedIntWeight.from_codes(codes, scales, zeros, grid)
     return QuantLinear(stored, bias, config.act_quantizer(), reassembly=reassembly)
 
 

@@ -2,43 +2,56 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
+from typing import Any
 
-from lowbit.core.config import MethodConfig
+from lowbit.core.config import MethodConfig, option
 from lowbit.errors import LowbitError
+from lowbit.formats.granularity import Group, parse_group_size
 from lowbit.formats.intq import IntGrid
+from lowbit.formats.spec import WeightSpec, int_format
+
+
+def with_default(base: type, name: str, default: Any) -> Any:
+    """A subclass's redeclaration of ``base``'s field ``name`` with another ``default`` and
+    the same metadata (help, choices): a dataclass field redeclared with a plain default would
+    lose its :func:`~lowbit.core.config.option` metadata."""
+    return dataclasses.field(default=default, metadata=base.__dataclass_fields__[name].metadata)
 
 
 @dataclass(frozen=True)
 class IntWeightConfig(MethodConfig):
-    """Integer weights on a min-max grid.
+    """Integer weights on a min-max grid: ``bits``, ``group_size``, ``symmetric`` and
+    ``ragged_groups`` are the user-facing spelling of :attr:`weight_spec` (the one place they
+    are validated, :mod:`lowbit.formats.spec`); the embeddings and the LM head are never
+    quantized by these methods."""
 
-    Attributes:
-        bits: 2..8.
-        group_size: -1 per output channel, else columns per group.
-        symmetric: symmetric grid (zero at mid code) or asymmetric (stored zero per group).
-        ragged_groups: allow a group size that does not divide a layer's input width (the last
-            group of each row is shorter, as GPTQModel does); otherwise that is an error.
-        ignore: glob patterns of linear names (e.g. ``"*.mlp.down_proj"``) left in full
-            precision. The embeddings and the LM head are never quantized by these methods.
-    """
-
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = True
-    ragged_groups: bool = False
-    ignore: tuple[str, ...] = ()
+    bits: int = option(4, "weight bits, 2..8")
+    group_size: int = option(128, "columns per group; -1 = per output channel")
+    symmetric: bool = option(True, "symmetric grid (zero at mid code) or asymmetric (stored "
+                                   "zero per group)")
+    ragged_groups: bool = option(False, "allow a group size that does not divide a layer's "
+                                        "input width (the last group of each row is shorter, "
+                                        "as GPTQModel does); otherwise that is an error")
+    ignore: tuple[str, ...] = option((), "glob patterns of linear names (e.g. "
+                                         "'*.mlp.down_proj') left in full precision; the "
+                                         "embeddings and the LM head are never quantized")
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise LowbitError(f"bits must be between 2 and 8, got {self.bits}")
-        if self.group_size != -1 and self.group_size < 2:
-            raise LowbitError(f"group size must be -1 (per channel) or >= 2, got {self.group_size}")
+        self.weight_spec  # noqa: B018  (validates bits, granularity and symmetry once)
+
+    @property
+    def weight_spec(self) -> WeightSpec:
+        """What the weights are quantized to: ``int{bits}``, the granularity of
+        ``group_size``/``ragged_groups``, ``symmetric``, fp16 scales."""
+        granularity = parse_group_size(self.group_size, self.ragged_groups)
+        return WeightSpec(int_format(self.bits), granularity, self.symmetric)
 
     @property
     def grid(self) -> IntGrid:
-        return IntGrid(self.bits, self.group_size, self.symmetric)
+        return IntGrid.from_spec(self.weight_spec)
 
     def ignores(self, name: str) -> bool:
         return any(fnmatch.fnmatch(name, pattern) for pattern in self.ignore)
@@ -46,24 +59,17 @@ class IntWeightConfig(MethodConfig):
     def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
         """The group size must divide the input width of every linear quantized (ragged groups
         off); subclasses with a rank add :func:`check_rank` and call this first."""
+        spec = self.weight_spec
         widths = sorted({cols for _rows, cols in shapes.values()})
         for name, (_rows, cols) in shapes.items():
             if not self.ignores(name):
-                self.check_width(name, cols, widths)
+                spec.check_width(name, cols, widths)
 
     def estimated_bits(self) -> float:
-        """``bits`` plus an fp16 scale and zero point per group."""
-        return self.bits + (32 / self.group_size if self.group_size > 0 else 0.0)
-
-    def check_width(self, name: str, in_features: int, all_widths: list[int]) -> None:
-        """LowbitError if the group size does not divide ``in_features`` and ragged is off."""
-        if self.group_size == -1 or self.ragged_groups or in_features % self.group_size == 0:
-            return
-        raise LowbitError(
-            f"group size {self.group_size} does not divide the input width {in_features} of "
-            f"{name}; group sizes that divide every width: {_common_divisors(all_widths)}, "
-            "or -1 (per channel), or allow a shorter last group with --ragged-groups"
-        )
+        """The weight bits plus an fp16 scale and zero point per group."""
+        spec = self.weight_spec
+        group = spec.granularity
+        return spec.bits + (32 / group.size if isinstance(group, Group) else 0.0)
 
 
 def check_rank(
@@ -82,12 +88,3 @@ def check_rank(
             f"{flag} {rank} is above min(rows, columns) = {most} of {name} ({rows} x {cols}); "
             f"a rank above it does not exist for that layer: choose {flag} between 1 and {most}"
         )
-
-
-def _common_divisors(widths: list[int]) -> str:
-    from math import gcd
-
-    g = 0
-    for w in widths:
-        g = gcd(g, w)
-    return ", ".join(str(d) for d in range(8, g + 1) if g % d == 0)

@@ -23,16 +23,25 @@ import torch
 from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize_blocks, gptq_solve
 from lowbit.algorithms.linearwise import Solution, relative_errors, timed_solve
 from lowbit.algorithms.lorc import lorc
-from lowbit.algorithms.weight_config import check_rank
+from lowbit.algorithms.weight_config import check_rank, with_default
+from lowbit.core.config import option
 from lowbit.core.method import register
 from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
 from lowbit.formats.blockscale import BlockScaledConfig
-from lowbit.formats.element import get_format
 from lowbit.formats.fp import FloatFormat
-from lowbit.formats.intfmt import IntFormat
+from lowbit.formats.granularity import Group, parse_group_size
 from lowbit.formats.packed_block import PackedBlockWeight
-from lowbit.nn.act_quant import GRANULARITIES, ActQuantizer, check_act_format, observe_absmax
+from lowbit.formats.spec import (
+    ACT_GRANULARITIES,
+    ActSpec,
+    WeightSpec,
+    act_format_names,
+    check_act_granularity,
+    weight_format,
+    weight_format_names,
+)
+from lowbit.nn.act_quant import ActQuantizer, observe_absmax
 from lowbit.nn.quant_linear import QuantLinear
 
 SCALE_CONSTRAINTS = {"none": ("amax", "fp16"), "m1": ("m1", "e8m0"), "m2": ("m2", "fp16")}
@@ -43,71 +52,89 @@ class ZQFPConfig(GPTQConfig):
     """ZeroQuant-FP settings: GPTQ (all of :class:`GPTQConfig`'s fields) onto an FP or INT weight
     grid, plus activation quantization and LoRC.
 
-    ``bits`` follows ``weight_format`` (0 = take it from there; a contradicting value is an
-    error). ``static_groups`` defaults to on here: with act-order, block-scaled FP weights need
-    it (they store no column permutation); turn act-order off for dynamic groups.
-
-    Attributes:
-        weight_format: fp4_e2m1 or fp8_e4m3 (FP elements with group scales, GPTQ onto the FP
-            grid) or int4, int8 (GPTQ's integer grid); any signed format of the formats layer.
-        act_format: format of every quantized linear's input: fp8_e4m3, fp8_e5m2, int8, or none
-            (weights only). Simulated on CPU.
-        act_granularity: token (dynamic scale per token) or tensor (static scale from the
-            absmax of the calibration inputs).
-        abits: activation bits: 0 = from act_format (16 for none); a contradicting value is an
-            error.
-        scale_constraint: none (fp16 group scales), m1 (each group scale a power of two, E8M0)
-            or m2 (fp16 scale per output channel times power-of-two group ratios); FP weights.
-        lorc_rank: rank of the LoRC compensation (SVD of the weight error, fp16 factors added
-            in the forward and counted in the bits); 0 = off.
+    ``bits`` and ``abits`` stay as given: 0 (the default) means "the width of the format", and
+    what counts is :attr:`weight_spec` / :attr:`act_spec` (``weight_spec.bits``,
+    ``act_spec.bits``); an explicit value that contradicts the format is an error.
+    ``static_groups`` defaults to on here: with act-order, block-scaled FP weights need it (they
+    store no column permutation); turn act-order off for dynamic groups.
     """
 
     method = "zqfp"
-    bits: int = 0
-    static_groups: bool = True
-    weight_format: str = "fp4_e2m1"
-    act_format: str = "fp8_e4m3"
-    act_granularity: str = "token"
-    abits: int = 0
-    scale_constraint: str = "none"
-    lorc_rank: int = 0
+    bits: int = option(0, "weight bits: 0 = the width of --weight-format (a contradicting "
+                          "value is an error)")
+    static_groups: bool = with_default(GPTQConfig, "static_groups", True)
+    weight_format: str = option(
+        "fp4_e2m1",
+        "fp4_e2m1 or fp8_e4m3 (FP elements with group scales, GPTQ onto the FP grid) or int4, "
+        "int8 (GPTQ's integer grid); any signed format of the formats layer",
+        choices=weight_format_names(),
+    )
+    act_format: str = option(
+        "fp8_e4m3",
+        "format of every quantized linear's input: fp8_e4m3, fp8_e5m2, int8, or none (weights "
+        "only). Simulated on CPU",
+        choices=(*act_format_names(), "none"),
+    )
+    act_granularity: str = option(
+        "token",
+        "token (dynamic scale per token) or tensor (static scale from the absmax of the "
+        "calibration inputs)",
+        choices=ACT_GRANULARITIES,
+    )
+    abits: int = option(0, "activation bits: 0 = from --act-format (16 for none); a "
+                           "contradicting value is an error")
+    scale_constraint: str = option(
+        "none",
+        "none (fp16 group scales), m1 (each group scale a power of two, E8M0) or m2 (fp16 scale "
+        "per output channel times power-of-two group ratios); FP weights",
+        choices=tuple(SCALE_CONSTRAINTS),
+    )
+    lorc_rank: int = option(0, "rank of the LoRC compensation (SVD of the weight error, fp16 "
+                               "factors added in the forward and counted in the bits); 0 = off")
 
     def __post_init__(self) -> None:
-        wfmt = _weight_format(self.weight_format)
-        _derive(self, "bits", wfmt.bits, f"weight format {self.weight_format}")
-        if self.act_format != "none":
-            try:
-                check_act_format(self.act_format)
-            except ValueError as exc:
-                raise LowbitError(f"--act-format: {exc}, or none") from None
-        act_bits = 16 if self.act_format == "none" else get_format(self.act_format).bits
-        _derive(self, "abits", act_bits, f"activation format {self.act_format}")
-        super().__post_init__()
-        self._check_choices(isinstance(wfmt, FloatFormat))
-
-    def _check_choices(self, fp: bool) -> None:
         if self.scale_constraint not in SCALE_CONSTRAINTS:
             raise LowbitError(
                 f"scale constraint '{self.scale_constraint}' unknown; known: "
                 f"{', '.join(SCALE_CONSTRAINTS)}"
             )
-        if self.act_granularity not in GRANULARITIES:
-            raise LowbitError(
-                f"activation granularity '{self.act_granularity}' unknown; known: "
-                f"{', '.join(GRANULARITIES)}"
-            )
+        super().__post_init__()  # the weight spec and the solver
+        spec = self.weight_spec
+        _check_given("bits", self.bits, spec.bits, f"weight format {self.weight_format}")
+        check_act_granularity(self.act_granularity)
+        act = self.act_spec
+        _check_given("abits", self.abits, act.bits, f"activation format {self.act_format}")
+        self._check_choices(spec)
+
+    @property
+    def weight_spec(self) -> WeightSpec:
+        """``weight_format`` on the granularity of ``group_size``/``ragged_groups``, with the
+        scale format of ``scale_constraint`` (fp16 for integer weights)."""
+        fmt = weight_format(self.weight_format)
+        scale_format = "fp16"
+        if isinstance(fmt, FloatFormat):
+            scale_format = SCALE_CONSTRAINTS[self.scale_constraint][1]
+        granularity = parse_group_size(self.group_size, self.ragged_groups)
+        return WeightSpec(self.weight_format, granularity, self.symmetric, scale_format)
+
+    @property
+    def act_spec(self) -> ActSpec:
+        """``act_format`` per ``act_granularity``; none = not quantized."""
+        if self.act_format == "none":
+            return ActSpec.none()
+        return ActSpec(self.act_format, self.act_granularity)
+
+    def _check_choices(self, spec: WeightSpec) -> None:
         if self.lorc_rank < 0:
             raise LowbitError(f"lorc_rank must be >= 0 (0 = off), got {self.lorc_rank}")
-        if not fp:
+        if not spec.is_float:
             if self.scale_constraint != "none":
                 raise LowbitError(
                     f"scale constraint {self.scale_constraint} applies to FP "
                     f"weight formats, not {self.weight_format}; use none"
                 )
             return
-        if not self.symmetric:
-            raise LowbitError("FP weight formats are symmetric; drop --asym")
-        if self.scale_constraint == "m2" and self.group_size == -1:
+        if self.scale_constraint == "m2" and not isinstance(spec.granularity, Group):
             raise LowbitError(
                 "scale constraint m2 needs groups (per-channel scale x per-group "
                 "ratios): set --group-size, or use m1 per channel"
@@ -127,38 +154,20 @@ class ZQFPConfig(GPTQConfig):
     @property
     def block_config(self) -> BlockScaledConfig | None:
         """The block-scaled format of FP weights (``None`` for integer weights)."""
-        if not isinstance(get_format(self.weight_format), FloatFormat):
+        spec = self.weight_spec
+        if not spec.is_float:
             return None
-        rule, scale_format = SCALE_CONSTRAINTS[self.scale_constraint]
-        return BlockScaledConfig(self.weight_format, self.group_size, scale_format, rule)
+        return BlockScaledConfig.from_spec(spec, SCALE_CONSTRAINTS[self.scale_constraint][0])
 
     def act_quantizer(self, absmax: float) -> ActQuantizer | None:
         """The input quantizer of one linear (``absmax``: its calibration inputs' max |x|)."""
-        if self.act_format == "none":
-            return None
-        if self.act_granularity == "tensor":
-            return ActQuantizer.static(self.act_format, absmax)
-        return ActQuantizer(self.act_format, "token")
+        spec = self.act_spec
+        return ActQuantizer.from_spec(spec, absmax) if spec.quantized else None
 
 
-def _weight_format(name: str) -> FloatFormat | IntFormat:
-    try:
-        fmt = get_format(name)
-    except ValueError as exc:
-        raise LowbitError(f"--weight-format: {exc}") from None
-    if not isinstance(fmt, FloatFormat | IntFormat) or fmt.min >= 0 or fmt.bits < 2:
-        raise LowbitError(
-            f"weight format '{name}' must be a signed FP or integer format "
-            "(fp4_e2m1, fp8_e4m3, int4, int8, ...)"
-        )
-    return fmt
-
-
-def _derive(config: ZQFPConfig, field: str, value: int, source: str) -> None:
-    given = getattr(config, field)
-    if given == 0:
-        object.__setattr__(config, field, value)  # frozen: derived once, at construction
-    elif given != value:
+def _check_given(field: str, given: int, value: int, source: str) -> None:
+    """LowbitError when ``given`` (0: from the format) contradicts the format's ``value``."""
+    if given != 0 and given != value:
         raise LowbitError(
             f"{field} {given} contradicts the {source} ({value} bits); leave "
             f"{field} out or choose a {given}-bit format"
@@ -170,15 +179,7 @@ def zqfp_solve(config: ZQFPConfig, weight: torch.Tensor, hessian: torch.Tensor) 
     cfg = config.block_config
     if cfg is None:
         return gptq_solve(config, weight, hessian)
-    q, used = gptq_quantize_blocks(
-        weight,
-        hessian,
-        cfg,
-        config.percdamp,
-        config.act_order,
-        config.static_groups,
-        config.block_size,
-    )
+    q, used = gptq_quantize_blocks(weight, hessian, cfg, config.solver)
     return Solution(PackedBlockWeight.from_quantized(q), {"percdamp": used})
 
 

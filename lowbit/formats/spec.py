@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lowbit.errors import LowbitError
-from lowbit.formats.element import ElementFormat, get_format
+from lowbit.formats.element import ElementFormat, format_names, get_format
 from lowbit.formats.fp import E8M0Format, FloatFormat
 from lowbit.formats.granularity import Granularity, Group, PerChannel, PerTensor, check_width
 from lowbit.formats.intfmt import IntFormat
@@ -38,7 +38,7 @@ def weight_format(name: str) -> FloatFormat | IntFormat:
         fmt = get_format(name)
     except ValueError as exc:
         raise LowbitError(f"--weight-format: {exc}") from None
-    if not isinstance(fmt, FloatFormat | IntFormat) or fmt.min >= 0 or fmt.bits < 2:
+    if not _weight_ok(fmt):
         raise LowbitError(
             f"weight format '{name}' (--weight-format) must be a signed FP or integer format "
             "(fp4_e2m1, fp8_e4m3, int4, int8, ...)"
@@ -46,11 +46,38 @@ def weight_format(name: str) -> FloatFormat | IntFormat:
     return fmt
 
 
+def weight_format_names() -> tuple[str, ...]:
+    """Every format name :func:`weight_format` accepts."""
+    return tuple(n for n in format_names() if _weight_ok(get_format(n)))
+
+
+def _weight_ok(fmt: ElementFormat) -> bool:
+    return isinstance(fmt, FloatFormat | IntFormat) and fmt.min < 0 and fmt.bits >= 2
+
+
+def act_format_names() -> tuple[str, ...]:
+    """Every format name :func:`check_act_format` accepts."""
+    return tuple(n for n in format_names() if _act_ok(get_format(n)))
+
+
+def _act_ok(fmt: ElementFormat) -> bool:
+    return fmt.bits <= 8 and fmt.min < 0 and not isinstance(fmt, E8M0Format)
+
+
+def check_act_granularity(granularity: str) -> None:
+    """LowbitError naming ``--act-granularity`` unless ``granularity`` is token or tensor."""
+    if granularity not in ACT_GRANULARITIES:
+        raise LowbitError(
+            f"activation granularity '{granularity}' (--act-granularity) unknown; known: "
+            f"{', '.join(ACT_GRANULARITIES)}"
+        )
+
+
 def check_act_format(name: str) -> ElementFormat:
     """The element format ``name`` if activations can use it (signed, at most 8 bits, not
     e8m0), else ValueError."""
     fmt = get_format(name)
-    if fmt.bits > 8 or fmt.min >= 0 or isinstance(fmt, E8M0Format):
+    if not _act_ok(fmt):
         raise ValueError(
             f"activation format '{name}' must be a signed format of at most 8 bits "
             "(int8, fp8_e4m3, fp8_e5m2, ...)"
@@ -137,11 +164,7 @@ class ActSpec:
             fmt = check_act_format(self.format)
         except ValueError as exc:
             raise LowbitError(f"--act-format: {exc}, or none") from None
-        if self.granularity not in ACT_GRANULARITIES:
-            raise LowbitError(
-                f"activation granularity '{self.granularity}' (--act-granularity) unknown; "
-                f"known: {', '.join(ACT_GRANULARITIES)}"
-            )
+        check_act_granularity(self.granularity)
         if not self.symmetric and (not isinstance(fmt, IntFormat) or self.granularity != "token"):
             raise LowbitError(
                 f"asymmetric activations are per-token integer formats, not {self.format} "

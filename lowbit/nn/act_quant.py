@@ -25,21 +25,12 @@ import torch
 from torch import nn
 
 from lowbit.formats.element import get_format
+from lowbit.formats.spec import ACT_GRANULARITIES, ActSpec, check_act_format
 
-GRANULARITIES = ("token", "tensor")
+GRANULARITIES = ACT_GRANULARITIES
 # torch's own casts give the formats layer's round bit for bit once clamped (docs/FORMATS.md)
 TORCH_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 SIMULATED = "simulated (values rounded to the format, matmul in floating point)"
-
-
-def check_act_format(name: str) -> None:
-    """ValueError unless ``name`` is a signed element format usable for activations."""
-    fmt = get_format(name)
-    if fmt.bits > 8 or fmt.min >= 0 or name == "e8m0":
-        raise ValueError(
-            f"activation format '{name}' must be a signed format of at most 8 bits "
-            "(int8, fp8_e4m3, fp8_e5m2, ...)"
-        )
 
 
 def token_scales(x: torch.Tensor, fmt_max: float) -> torch.Tensor:
@@ -90,6 +81,23 @@ class ActQuantizer(nn.Module):
         self.fmt, self.granularity, self.symmetric = fmt, granularity, symmetric
         self.format = get_format(fmt)
         self.register_buffer("scale", None if scale is None else scale.float().reshape(1).clone())
+
+    @classmethod
+    def from_spec(cls, spec: ActSpec, absmax: float | None = None) -> ActQuantizer:
+        """The quantizer of a quantized :class:`~lowbit.formats.spec.ActSpec`; a ``"tensor"``
+        spec takes its static scale from ``absmax``, the calibration inputs' max |x|."""
+        if not spec.quantized:
+            raise ValueError("activations that are not quantized have no quantizer")
+        if spec.granularity == "tensor":
+            if absmax is None:
+                raise ValueError("a per-tensor activation quantizer needs the calibrated absmax")
+            return cls.static(spec.format, absmax)
+        return cls(spec.format, spec.granularity, symmetric=spec.symmetric)
+
+    @property
+    def spec(self) -> ActSpec:
+        """What this quantizer rounds to, as an :class:`~lowbit.formats.spec.ActSpec`."""
+        return ActSpec(self.fmt, self.granularity, self.symmetric)
 
     @classmethod
     def static(cls, fmt: str, absmax: float) -> ActQuantizer:
