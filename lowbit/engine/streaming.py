@@ -35,7 +35,9 @@ from lowbit.engine.context import drop_dense_caches
 from lowbit.engine.guards import nonfinite_error
 from lowbit.engine.resume import BlockCheckpoints, hash_tensor
 from lowbit.errors import LowbitError
-from lowbit.models.arch import BlockTable, get_blocks, table_for
+from lowbit.models.arch import BlockTable, get_blocks
+from lowbit.models.convert import linear_layout
+from lowbit.models.discovery import find_structure, table_of
 from lowbit.nn.quant_linear import QuantLinear
 
 INDEX = "model.safetensors.index.json"
@@ -140,14 +142,31 @@ def load_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> Blo
 
     index = WeightIndex.from_folder(folder)
     config = AutoConfig.from_pretrained(folder)
-    table = table_for(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
     model.eval()
-    stream = BlockStream(model, table, index)
+    if any(linear_layout(model).values()):
+        raise LowbitError(
+            "--stream reads weights under the names the model's modules have; "
+            f"{config.model_type} stores fused experts or Conv1D weights that lowbit converts "
+            "first: run without --stream"
+        )
+    where = BlockTable(find_structure(model).blocks, (), ())  # enough to find the blocks
+    stream = BlockStream(model, where, index)
     stream.load_rest()
+    stream.table = _discovered(stream)
     return stream
+
+
+def _discovered(stream: BlockStream) -> BlockTable:
+    """The block table, found with block 0 read from disk for as long as it takes."""
+    block = stream.blocks[0]
+    stream.load(block, 0)
+    try:
+        return table_of(stream.model)
+    finally:
+        block.to("meta")
 
 
 class BlockStream:

@@ -31,7 +31,9 @@ from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError, write_error
 from lowbit.export import integrity
 from lowbit.export.safetensors_stream import StreamedSafetensors
-from lowbit.models.arch import TABLES, set_submodule
+from lowbit.models.arch import BlockTable, set_submodule
+from lowbit.models.convert import linear_layout
+from lowbit.models.discovery import table_of
 from lowbit.nn.act_quant import SIMULATED
 from lowbit.nn.quant_linear import QuantLinear
 
@@ -232,6 +234,8 @@ def load_quantized(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (ValueError, KeyError, TypeError) as exc:
         raise _damaged(path / "config.json", exc) from exc
+    linear_layout(model)  # as at quantization: saved names are those of the converted model
+    table = table_of(model) if dtype != torch.float32 else None
     tensors = _read_tensors(path / WEIGHTS)
     _install_layers(model, manifest, tensors, path)
     try:
@@ -239,8 +243,8 @@ def load_quantized(
     except RuntimeError as exc:
         raise _damaged(path / WEIGHTS, exc) from exc
     missing = [k for k in missing if not _is_quant_buffer(model, k)]
-    if dtype != torch.float32:
-        _offset_norms_in_fp32(model, config.model_type, tensors)
+    if table is not None:
+        _offset_norms_in_fp32(model, table, tensors)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]
@@ -253,15 +257,14 @@ def load_quantized(
     return model, _read_tokenizer(path), manifest
 
 
-def _offset_norms_in_fp32(model: nn.Module, model_type: str, tensors: dict) -> None:
+def _offset_norms_in_fp32(model: nn.Module, table: BlockTable, tensors: dict) -> None:
     """Hold the block norms that multiply by ``offset + w`` (Gemma's ``1 + w``) in fp32.
 
     SmoothQuant and QLLM fold divisors ``s`` into them as ``w' = (1 + w) / s - 1``; in bf16
     that subtraction cancels (a gain ``1 + w'`` of 1e-3 rounds to 0). These norms compute in
     fp32 and cast their output to the input's dtype, so an fp32 weight costs nothing else.
     """
-    table = TABLES.get(model_type)
-    if table is None or table.norm_gain_offset == 0:
+    if table.norm_gain_offset == 0:
         return
     for i, block in enumerate(model.get_submodule(table.blocks)):
         for norm, _linears in table.norm_feeds:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.arch import BlockTable
+from lowbit.models.arch import OVERRIDES, BlockTable
 from lowbit.models.experts import STAGE, ExpertLinears
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,26 @@ def linear_types() -> tuple[type[nn.Module], ...]:
     from transformers.pytorch_utils import Conv1D
 
     return nn.Linear, Conv1D
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """A linear of the model, float or already quantized: an ``nn.Linear``, a ``Conv1D``, or
+    any module with integer ``in_features`` and ``out_features`` attributes (lowbit's quantized
+    and fake-quantized linears: structure is found the same way after quantization)."""
+    if isinstance(module, linear_types()):
+        return True
+    return all(isinstance(getattr(module, a, None), int) for a in ("in_features", "out_features"))
+
+
+def linear_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of the linear-like modules under ``root``, not descending into them
+    (a quantized linear's add-ons are part of it)."""
+    for name, child in root.named_children():
+        if is_linear_like(child):
+            yield name, child
+        else:
+            for sub, module in linear_modules(child):
+                yield f"{name}.{sub}", module
 
 
 @dataclass(frozen=True)
@@ -80,10 +100,10 @@ def find_structure(model: nn.Module) -> Structure:
     """The decoder-block list and block 0's linear-like and fused-expert modules."""
     blocks = _block_list(model)
     block = model.get_submodule(blocks)[0]
-    linears = tuple(n for n, m in block.named_modules() if isinstance(m, linear_types()))
+    linears = tuple(n for n, _ in linear_modules(block))
     experts = tuple(
         n for n, m in block.named_modules()
-        if not isinstance(m, linear_types()) and any(p.dim() == 3 for p in m.parameters(False))
+        if not is_linear_like(m) and any(p.dim() == 3 for p in m.parameters(False))
     )
     unfused = tuple(n for n, m in block.named_modules() if isinstance(m, ExpertLinears))
     return Structure(blocks, linears, experts, unfused)
@@ -148,7 +168,7 @@ def trace_block(model: nn.Module, structure: Structure, input_ids: torch.Tensor)
     hooks = [block.get_submodule(n).register_forward_pre_hook(on_linear(n)) for n in linears]
     hooks += [
         m.register_forward_hook(on_module(n)) for n, m in block.named_modules()
-        if n and n not in linears and not isinstance(m, linear_types())
+        if n and n not in linears and not is_linear_like(m)
     ]
     hooks.append(block.register_forward_hook(stop))
     experts = [m for m in block.modules() if isinstance(m, ExpertLinears)]
@@ -259,5 +279,13 @@ def discover(model: nn.Module, input_ids: torch.Tensor | None = None) -> BlockTa
 def _hidden_width(block: nn.Module, flow: Dataflow) -> int:
     """Input width of the block's first linear (the hidden size)."""
     first = block.get_submodule(flow.sequential[0][0])
-    weight = first.weight
-    return weight.shape[1] if isinstance(first, nn.Linear) else weight.shape[0]
+    if isinstance(first, linear_types()) and not isinstance(first, nn.Linear):
+        return first.weight.shape[0]  # Conv1D: [in, out]
+    return first.in_features
+
+
+def table_of(model: nn.Module) -> BlockTable:
+    """The block table of ``model``: its override in :data:`lowbit.models.arch.OVERRIDES` (where
+    discovery is known to be wrong), else :func:`discover`'s."""
+    override = OVERRIDES.get(getattr(model.config, "model_type", ""))
+    return override if override is not None else discover(model)

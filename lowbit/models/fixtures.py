@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from lowbit.models.arch import get_blocks, table_for
 from lowbit.models.bundled import prepare
+from lowbit.models.discovery import find_structure
 
 
 def truncated_copy(name: str, n_blocks: int, out_dir: str | Path) -> Path:
@@ -23,8 +23,7 @@ def truncated_copy(name: str, n_blocks: int, out_dir: str | Path) -> Path:
         return out
     src = prepare(name)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    table = table_for(model.config.model_type)
-    blocks = get_blocks(model, table)
+    blocks = model.get_submodule(find_structure(model).blocks)
     del blocks[n_blocks:]
     model.config.num_hidden_layers = n_blocks
     if getattr(model.config, "layer_types", None):
