@@ -3,12 +3,8 @@ from the type hint, help and choices from the field's metadata (``option(...)``)
 per method (``--method`` is found first), another method's flag the one-line error. None of
 these tests loads a model: parsing and help end before anything is read.
 
-Metadata note: while a field has no ``help`` metadata, its help comes from its class's
-``Attributes:`` docstring (``lowbit.cli.method_flags.field_docs``), and
-``test_every_field_has_a_flag_with_help`` accepts that; once every field of
-``lowbit/algorithms/*.py`` is an ``option(...)``, the fallback goes and that test asserts on the
-metadata alone (``test_metadata_help_is_the_flags_help`` already does, for every field that has
-it).
+Every config field must be an ``option(default, help, ...)``: its help metadata is the only
+source of its flag's help (``test_every_field_has_a_flag_with_help``).
 """
 
 from __future__ import annotations
@@ -51,14 +47,18 @@ def _actions(method: str) -> dict[str, object]:
 @pytest.mark.parametrize("method", METHODS)
 def test_every_field_has_a_flag_with_help(method):
     """Every config field has a flag (its dest: ``cfg_<field>``, or the field name for the
-    common ones), with a non-empty help that is the field's (metadata, or the docstring
-    fallback while a field has none; see the module note)."""
+    common ones) whose help is the field's non-empty ``help`` metadata (a field declared
+    without :func:`~lowbit.core.config.option`, or redeclared in a subclass with a plain
+    default, has none)."""
     config_cls = methods()[method].config_cls
     actions = _actions(method)
     settings = {s.name: s for s in settings_of(methods()[method])}
-    assert set(settings) == {f.name for f in dataclasses.fields(config_cls)}
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    assert set(settings) == set(fields)
+    no_help = [n for n, f in fields.items() if not str(f.metadata.get("help", "")).strip()]
+    assert not no_help, f"{method} fields without help metadata (use option()): {no_help}"
     for name, s in settings.items():
-        assert s.help.strip(), f"{method}.{name} has no help"
+        assert s.help == fields[name].metadata["help"]
         action = actions[s.flags[0]]
         assert action.dest in (f"cfg_{name}", name)
         assert _squash(s.help.replace("%", "%%")) in _squash(action.help)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import typing
 from typing import Any
 
@@ -31,48 +30,6 @@ COMMON_HELP = {
     "group_size": "columns per group; -1 = per output channel",
     "symmetric": "symmetric grid (--sym) or asymmetric, with a stored zero per group (--asym)",
 }
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """``name: text`` entries of the ``Attributes:`` sections of ``cls`` and its bases: the
-    help of a field that has no ``help`` metadata yet (fields written before
-    :func:`~lowbit.core.config.option`). An entry may name several fields (``a, b: text``)
-    or hold a second one after a sentence (``a: text. b: text``)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        current: list[str] = []
-        in_attrs = False
-        for line in (klass.__doc__ or "").splitlines():
-            stripped = line.strip()
-            if stripped == "Attributes:":
-                in_attrs = True
-                continue
-            if not in_attrs:
-                continue
-            head, sep, text = stripped.partition(": ")
-            names = [n.strip() for n in head.split(",")]
-            if (
-                sep
-                and all(n.isidentifier() for n in names)
-                and line.startswith(" " * 8)
-                and not line.startswith(" " * 12)
-            ):
-                current = names
-                for n in names:
-                    docs[n] = text
-            elif stripped and current:
-                for n in current:
-                    docs[n] += " " + stripped
-            elif not stripped and current:
-                current, in_attrs = [], False
-    for name, text in list(docs.items()):  # "a: text. b: text" on one entry
-        for match in reversed(list(re.finditer(r"(?<=\.) (\w+): ", text))):
-            if match.group(1) in fields and match.group(1) not in docs:
-                docs[match.group(1)] = text[match.end():]
-                text = text[: match.start()]
-        docs[name] = text
-    return docs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,13 +94,8 @@ def settings_of(method: Method) -> list[Setting]:
     """Every field of ``method``'s config as a :class:`Setting`, in field order."""
     cls = method.config_cls
     hints = typing.get_type_hints(cls)
-    docs: dict[str, str] | None = None
     out = []
     for f in dataclasses.fields(cls):
-        help_text = f.metadata.get("help")
-        if help_text is None:  # no metadata yet: the docstring's Attributes entry
-            docs = field_docs(cls) if docs is None else docs
-            help_text = docs.get(f.name, "")
         if f.name == "symmetric":
             flags: tuple[str, ...] = SYMMETRIC
         else:
@@ -153,6 +105,7 @@ def settings_of(method: Method) -> list[Setting]:
                 flags += (alias,)
         default = f.default if f.default is not dataclasses.MISSING else None
         choices = tuple(f.metadata.get("choices") or ())
+        help_text = f.metadata.get("help", "")  # option(): every field has it (tests)
         out.append(Setting(f.name, hints[f.name], default, help_text, choices, flags))
     return out
 
