@@ -122,9 +122,11 @@ class QLLMConfig(WAConfig):
 
 
 def reassembled_groups(table) -> set[str]:
-    """First linears of the groups whose input is reassembled: norm-fed groups and the last."""
+    """First linears of the groups whose input is reassembled: norm-fed groups and the last,
+    except mixture-of-experts matrices (an expert's tokens, and so the outputs the search
+    compares, change with the routing; experts get the plain W/A grid)."""
     fed = {linears[0] for _norm, linears in table.norm_feeds}
-    return fed | {table.sequential[-1][0]}
+    return {n for n in fed | {table.sequential[-1][0]} if not table.is_expert(n)}
 
 
 @register(

@@ -71,6 +71,12 @@ def scale_rows(linear: torch.nn.Module, s: torch.Tensor) -> None:
 def smooth_block(config: SmoothQuantConfig, ctx) -> dict[str, float]:
     """Fold the smoothing of every smoothable input into the block; ``{linear: max s}``."""
     table = ctx.table
+    if not table.norm_feeds:
+        raise LowbitError(
+            "smoothquant folds its scales into the norms feeding a block's linears, and these "
+            "blocks have no norm feeds (their norms follow attention and MLP); use "
+            "--smooth-alpha 0 (no smoothing) or another method"
+        )
     plans = [(norm, linears) for norm, linears in table.norm_feeds]
     last = table.sequential[-1]
     if last[0] in PRODUCERS:

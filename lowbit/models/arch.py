@@ -30,6 +30,8 @@ class BlockTable:
         norm_feeds: pairs (norm name, linears it feeds directly).
         norm_gain_offset: the norms multiply by ``offset + weight`` (Gemma's ``1 + w``: 1.0;
             Llama's ``w``: 0.0); smoothing methods fold scales into ``offset + weight``.
+        experts: block-relative names of mixture-of-experts modules unfused into one linear per
+            expert matrix (:class:`~lowbit.models.experts.ExpertLinears`).
 
     Whether windows start with BOS is the tokenizer's business, not the architecture's
     (Llama-2 adds BOS, SmolLM2, also a Llama, does not): see ``LoadedModel.add_bos``.
@@ -39,6 +41,12 @@ class BlockTable:
     sequential: tuple[tuple[str, ...], ...]
     norm_feeds: tuple[tuple[str, tuple[str, ...]], ...]
     norm_gain_offset: float = 0.0
+    experts: tuple[str, ...] = ()
+
+    def is_expert(self, name: str) -> bool:
+        """Whether block-relative linear ``name`` is one expert's matrix (its tokens are the
+        ones routed to that expert)."""
+        return any(name.startswith(f"{path}.") for path in self.experts)
 
     @property
     def linear_names(self) -> tuple[str, ...]:

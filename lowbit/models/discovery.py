@@ -272,7 +272,8 @@ def discover(model: nn.Module, input_ids: torch.Tensor | None = None) -> BlockTa
             "add a block table for it in lowbit/models/arch.py"
         )
     return BlockTable(
-        structure.blocks, flow.sequential, tuple(feeds), offsets.pop() if offsets else 0.0
+        structure.blocks, flow.sequential, tuple(feeds), offsets.pop() if offsets else 0.0,
+        structure.unfused,
     )
 
 
