@@ -29,6 +29,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.arch import OVERRIDES, BlockTable
+from lowbit.models.convert import linear_layout
 from lowbit.models.experts import STAGE, ExpertLinears
 
 log = logging.getLogger(__name__)
@@ -290,3 +291,17 @@ def table_of(model: nn.Module) -> BlockTable:
     discovery is known to be wrong), else :func:`discover`'s."""
     override = OVERRIDES.get(getattr(model.config, "model_type", ""))
     return override if override is not None else discover(model)
+
+
+def names_table(config) -> BlockTable:
+    """A table with only the names (the block list, one group per linear, no norm feeds) of
+    the architecture of transformers ``config``, from a model built on the meta device: what
+    is known without weights or a forward pass (the pre-flight estimate's needs)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    linear_layout(model)
+    structure = find_structure(model)
+    return BlockTable(structure.blocks, tuple((n,) for n in structure.linears), ())
