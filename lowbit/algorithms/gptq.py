@@ -60,7 +60,7 @@ STATIC_SOLVER = GPTQSolver(static_groups=True)  # block-scaled weights store no 
 class GPTQSettings(IntWeightConfig):
     """The settings every GPTQ-based method shares (GPTQ, SpQR, ZeroQuant-FP): one declaration
     of the solver's fields and ``true_sequential``; a method with other defaults redeclares a
-    field with :func:`~lowbit.algorithms.weight_config.with_default`. :attr:`solver` is the
+    field with :func:`~lowbit.core.config.with_default`. :attr:`solver` is the
     :class:`GPTQSolver` they make (dynamic groups here; GPTQ adds ``static_groups``)."""
 
     percdamp: float = option(0.01, "damping as a fraction of mean(diag H)")

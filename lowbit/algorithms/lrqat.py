@@ -28,8 +28,8 @@ from torch import nn
 from lowbit.algorithms.gptq import GPTQConfig
 from lowbit.algorithms.lrqat_train import RESUME_NEUTRAL, start_fingerprint, train
 from lowbit.algorithms.rtn import RTNConfig
-from lowbit.algorithms.weight_config import IntWeightConfig, check_rank, with_default
-from lowbit.core.config import MethodConfig, option
+from lowbit.algorithms.weight_config import IntWeightConfig, check_rank
+from lowbit.core.config import MethodConfig, option, with_default
 from lowbit.core.method import register_model
 from lowbit.core.report import LayerReport
 from lowbit.data.calibration import check_seed

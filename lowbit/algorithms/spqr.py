@@ -34,8 +34,8 @@ import torch
 
 from lowbit.algorithms.gptq import GPTQSettings, inverse_hessian_cholesky, prepare_hessian
 from lowbit.algorithms.linearwise import Solution, quantize_linearwise
-from lowbit.algorithms.weight_config import IntWeightConfig, with_default
-from lowbit.core.config import option
+from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.core.config import option, with_default
 from lowbit.core.method import register
 from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError

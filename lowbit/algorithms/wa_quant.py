@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.weight_config import IntWeightConfig, with_default
+from lowbit.algorithms.weight_config import IntWeightConfig
 from lowbit.core.block_output import StopBlock, block_output
-from lowbit.core.config import option
+from lowbit.core.config import option, with_default
 from lowbit.errors import LowbitError
 from lowbit.formats.intq import rtn_quantize
 from lowbit.formats.packed_int import PackedIntWeight

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from dataclasses import dataclass
-from typing import Any
 
 from lowbit.core.config import MethodConfig, option
 from lowbit.errors import LowbitError
 from lowbit.formats.granularity import Group, parse_group_size
 from lowbit.formats.intq import IntGrid
 from lowbit.formats.spec import WeightSpec, int_format
-
-
-def with_default(base: type, name: str, default: Any) -> Any:
-    """A subclass's redeclaration of ``base``'s field ``name`` with another ``default`` and
-    the same metadata (help, choices): a dataclass field redeclared with a plain default would
-    lose its :func:`~lowbit.core.config.option` metadata."""
-    return dataclasses.field(default=default, metadata=base.__dataclass_fields__[name].metadata)
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import torch
 from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize_blocks, gptq_solve
 from lowbit.algorithms.linearwise import Solution, relative_errors, timed_solve
 from lowbit.algorithms.lorc import lorc
-from lowbit.algorithms.weight_config import check_rank, with_default
-from lowbit.core.config import option
+from lowbit.algorithms.weight_config import check_rank
+from lowbit.core.config import option, with_default
 from lowbit.core.method import register
 from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError

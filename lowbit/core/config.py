@@ -26,6 +26,13 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str 
     return dataclasses.field(default=default, metadata=meta)
 
 
+def with_default(base: type, name: str, default: Any) -> Any:
+    """A subclass's redeclaration of ``base``'s field ``name`` with another ``default`` and
+    the same metadata (help, choices): a dataclass field redeclared with a plain default would
+    lose its :func:`option` metadata."""
+    return dataclasses.field(default=default, metadata=base.__dataclass_fields__[name].metadata)
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """Base of every method config.
