@@ -1,6 +1,8 @@
 """lowbit: low-bit quantization of causal LMs."""
-__version__ = "0.1.0"
 
-from lowbit import _hf_hook  # noqa: E402  (light: registers the transformers quantizer lazily)
+from lowbit import _hf_hook  # light: registers the transformers quantizer lazily
+from lowbit._version import __version__
 
 _hf_hook.install()
+
+__all__ = ["__version__"]

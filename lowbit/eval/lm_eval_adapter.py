@@ -63,8 +63,9 @@ class LowbitLM(TemplateLM):
     """An lm-eval language model over a lowbit (or any HF causal) model.
 
     Args:
-        pretrained: a bundled name, HF folder or lowbit DIR, loaded with ``lowbit.api.load_model``
-            when ``model`` is not given (the form lm-eval's ``model_args`` uses).
+        pretrained: a bundled name, HF folder or lowbit DIR, loaded with
+            ``lowbit.loading.load_model`` when ``model`` is not given (the form lm-eval's
+            ``model_args`` uses).
         model, tokenizer: an already loaded causal LM (``nn.Module`` returning ``.logits``
             ``[B, L, V]``) and its HF tokenizer.
         add_bos: start every sequence with BOS (default: the block table's ``add_bos`` when
@@ -96,8 +97,8 @@ class LowbitLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise LowbitError("LowbitLM needs a model (model=, tokenizer=) or pretrained=SPEC")
-            # Lazy upward import: only the lm-eval string form needs the library's loader.
-            from lowbit.api import load_model
+            # Lazy: only the lm-eval string form needs the loader (a layer below eval/).
+            from lowbit.loading import load_model
 
             loaded = load_model(str(pretrained))
             model, tokenizer = loaded.model, loaded.tokenizer
@@ -124,7 +125,7 @@ class LowbitLM(TemplateLM):
 
     @classmethod
     def from_loaded(cls, loaded: Any, **kwargs: Any) -> LowbitLM:
-        """Wrap a ``lowbit.api.LoadedModel`` (its model, tokenizer and ``add_bos``)."""
+        """Wrap a ``lowbit.loading.LoadedModel`` (its model, tokenizer and ``add_bos``)."""
         return cls(
             model=loaded.model, tokenizer=loaded.tokenizer, add_bos=loaded.add_bos, **kwargs
         )

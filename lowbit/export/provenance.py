@@ -10,7 +10,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import lowbit
+from lowbit._version import __version__
 
 CONFIG_KEY = "lowbit_export"
 
@@ -37,7 +37,7 @@ def provenance(src: str | Path, manifest: dict[str, Any], target: str) -> dict[s
     """The ``lowbit_export`` record of an export of lowbit DIR ``src`` to format ``target``."""
     return {
         "format": target,
-        "lowbit_version": lowbit.__version__,
+        "lowbit_version": __version__,
         "source_lowbit_version": manifest.get("lowbit_version"),
         "source_dir_sha256": dir_sha256(src),
         "source_model": manifest.get("source_model"),

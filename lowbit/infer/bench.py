@@ -107,10 +107,10 @@ def prompt_ids(tokenizer, corpus: str, length: int, add_bos: bool) -> torch.Tens
 
 def bench_variant(label: str, spec: str, dtype: str, cfg: DecodeBenchConfig) -> VariantSpeed:
     """Load ``spec`` in ``dtype``, prepare its kernels, and time prefill and decode."""
-    from lowbit import api
+    from lowbit.loading import load_model
 
     start = time.perf_counter()
-    loaded = api.load_model(spec, DTYPES[dtype])
+    loaded = load_model(spec, DTYPES[dtype])
     model = loaded.model
     paths = path_counts(prepare_model(model, DTYPES[dtype]))
     load_seconds = time.perf_counter() - start

@@ -1,0 +1,42 @@
+"""The inputs of a quantization run: the method config of a recipe entry or of command-line
+settings, and the calibration data to draw."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lowbit.algorithms import config_class
+from lowbit.core.config import MethodConfig
+from lowbit.errors import LowbitError
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Calibration data: ``nsamples`` random windows of ``seqlen`` tokens of ``corpus``,
+    drawn with ``seed`` (see :func:`lowbit.data.calibration.calibration_batch`)."""
+
+    corpus: str = "austen-emma"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+
+def build_config(method: str, settings: dict[str, Any]) -> MethodConfig:
+    """The config of the method named ``method`` from recipe keys / flags (unknown keys are an
+    error naming them)."""
+    return config_class(method).from_dict({"method": method, **settings})
+
+
+def as_config(config: MethodConfig | dict[str, Any]) -> MethodConfig:
+    """``config`` itself, or the config of a recipe entry ``{"method": name, key: value, ...}``."""
+    if isinstance(config, MethodConfig):
+        return config
+    if not isinstance(config, dict) or not isinstance(config.get("method"), str):
+        raise LowbitError(
+            "a config is a method config (e.g. GPTQConfig(bits=4)) or a recipe entry "
+            f"{{'method': name, ...}}; got {config!r}"
+        )
+    settings = dict(config)
+    return build_config(settings.pop("method"), settings)
