@@ -17,7 +17,9 @@ A façade: each name lives in the module whose one job it is (docs/DESIGN.md, "L
 loading (:mod:`lowbit.loading`), the inputs of a run (:mod:`lowbit.pipeline.configs`),
 quantizing (:mod:`lowbit.pipeline.quantizing`), the pre-flight estimate
 (:mod:`lowbit.pipeline.preflight`), saving with the manifest (:mod:`lowbit.pipeline.saving`),
-evaluating (:mod:`lowbit.pipeline.evaluating`), memory (:mod:`lowbit.memory`).
+evaluating (:mod:`lowbit.pipeline.evaluating`), memory (:mod:`lowbit.memory`). Every function
+here raises LowbitError for bad input (a lower layer's ValueError is converted where the option
+is known, :func:`lowbit.errors.user_input`).
 """
 
 from lowbit.loading import LoadedModel, load_model, model_path

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from lowbit.cli.table import render
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, user_input
 
 
 def add_bench_parser(sub) -> None:
@@ -49,13 +49,11 @@ def decode(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise LowbitError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    try:
+    with user_input("--tokens, --prompt-len, --prefill-repeats", "raise the one below its minimum"):
         cfg = DecodeBenchConfig(
             args.tokens, args.prompt_len, args.compile, args.prefill_repeats, args.corpus,
             args.quant_dtype,
         )
-    except ValueError as exc:
-        raise LowbitError(f"{exc} (check --tokens, --prompt-len, --prefill-repeats)") from exc
     report = run_decode_bench(args.model, cfg, progress=lambda m: print(m, file=sys.stderr))
     print(format_report(report))
     if args.json:

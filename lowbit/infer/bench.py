@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, user_input
 from lowbit.infer.bandwidth import Bandwidth, measure_bandwidth
 from lowbit.infer.decode import Decoder
 from lowbit.infer.footprint import kv_cache_bytes, weight_bytes_per_token
@@ -114,7 +114,8 @@ def bench_variant(label: str, spec: str, dtype: str, cfg: DecodeBenchConfig) -> 
     model = loaded.model
     paths = path_counts(prepare_model(model, DTYPES[dtype]))
     load_seconds = time.perf_counter() - start
-    ids = prompt_ids(loaded.tokenizer, cfg.corpus, cfg.prompt_len, loaded.add_bos)
+    with user_input("--prompt-len"):  # the message says the fix
+        ids = prompt_ids(loaded.tokenizer, cfg.corpus, cfg.prompt_len, loaded.add_bos)
     decoder = Decoder(model, cfg.prompt_len + cfg.tokens, cfg.compile)
     decoder.warm_up(ids)
     prefill = best_prefill_seconds(decoder, ids, cfg.prefill_repeats)

@@ -14,13 +14,23 @@ from lowbit.errors import LowbitError
 @dataclass(frozen=True)
 class CalibSpec:
     """Calibration data: ``nsamples`` random windows of ``seqlen`` tokens of ``corpus``,
-    drawn with ``seed`` (see :func:`lowbit.data.calibration.calibration_batch`)."""
+    drawn with ``seed`` (see :func:`lowbit.data.calibration.calibration_batch`), run through
+    the model ``batch_size`` windows at a time."""
 
     corpus: str = "austen-emma"
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
     batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or (
+            self.batch_size < 1
+        ):
+            raise LowbitError(
+                f"calibration batch_size must be an integer >= 1, got {self.batch_size!r}; "
+                "use a small positive number of windows per forward pass (default 8)"
+            )
 
 
 def build_config(method: str, settings: dict[str, Any]) -> MethodConfig:

@@ -24,7 +24,7 @@ from lowbit.engine.guards import check_finite_weights
 from lowbit.engine.model_context import CheckpointStore, ModelContext
 from lowbit.engine.resume import BlockCheckpoints, tensor_sha256
 from lowbit.engine.sequential import quantize_sequential
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, user_input
 from lowbit.export import lowbit_format
 from lowbit.loading import LoadedModel
 from lowbit.models.arch import get_blocks
@@ -150,10 +150,8 @@ def _distributed_share(registered: Method, ids: torch.Tensor, resume: bool) -> t
         )
     if resume:
         raise LowbitError("--resume is for single-process runs; run without torchrun to resume")
-    try:
+    with user_input("--nsamples"):  # the message says the fix
         return distributed.shard(ids)
-    except ValueError as exc:
-        raise LowbitError(str(exc)) from None
 
 
 def _block_checkpoints(
