@@ -95,3 +95,25 @@ def test_every_expert_is_quantized_with_its_token_count(arch, tiny_folders):
         ups = [routed[f"model.layers.{block}.mlp.experts.{e}.up_proj"] for e in range(4)]
         assert sum(ups) == per_token * CALIB.nsamples * CALIB.seqlen
     assert not any(".mlp.gate" in r.name for r in result.layers)  # routers stay float
+
+
+@pytest.mark.parametrize("arch", [
+    "qwen3_moe", "gpt2", "falcon",
+    *[pytest.param(a, marks=pytest.mark.slow) for a in ARCHS
+      if a not in ("qwen3_moe", "gpt2", "falcon")],
+])
+def test_command_line_quantizes_a_saved_folder(arch, tiny_folders, tmp_path, capsys):
+    import json
+
+    from lowbit.cli.main import main
+
+    report = tmp_path / "r.json"
+    code = main(["quantize", tiny_folders(arch), "--method", "gptq", "--bits", "4", "-g", "32",
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "q"),
+                 "--json", str(report)])
+    assert code == 0, capsys.readouterr().err
+    layers = json.loads(report.read_text())["layers"]
+    assert all(r["extra"]["calib_tokens"] > 0 for r in layers if ".experts." not in r["name"])
+    if arch == "qwen3_moe":
+        experts = [r for r in layers if ".experts." in r["name"]]
+        assert len(experts) == 24 and all("calib_tokens" in r["extra"] for r in experts)
