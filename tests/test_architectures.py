@@ -117,3 +117,17 @@ def test_command_line_quantizes_a_saved_folder(arch, tiny_folders, tmp_path, cap
     if arch == "qwen3_moe":
         experts = [r for r in layers if ".experts." in r["name"]]
         assert len(experts) == 24 and all("calib_tokens" in r["extra"] for r in experts)
+
+
+def test_calibrating_every_expert_on_every_token(tiny_folders):
+    loaded = api.load_model(tiny_folders("qwen3_moe"))
+    with torch.no_grad():
+        want = loaded.model(IDS).logits
+    calib = api.CalibSpec(nsamples=4, seqlen=32, batch_size=4, all_experts=True)
+    result = api.quantize(loaded, api.build_config("rtn", METHODS["rtn"]), calib, progress=False)
+    experts = [r for r in result.layers if ".mlp.experts." in r.name]
+    assert len(experts) == 24
+    assert all(r.extra["calib_tokens"] == 4 * 32 for r in experts)
+    with torch.no_grad():  # the experts are quantized, the routing and the outputs still work
+        got = loaded.model(IDS).logits
+    assert got.shape == want.shape and not torch.equal(got, want)

@@ -102,7 +102,7 @@ def test_single_process_methods_are_refused_under_torchrun(monkeypatch, smollm2_
     monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 2))
     loaded = api.load_model(str(smollm2_2blocks))
     with pytest.raises(LowbitError, match="method 'qllm' runs in one process; under torchrun "
-                       "use one of: gptq, rtn, spqr, zqfp"):
+                       "use one of: clip, gptq, rtn, spqr, zqfp"):
         api.quantize(loaded, api.build_config("qllm", {}), CALIB, progress=False)
     with pytest.raises(LowbitError, match="--resume is for single-process runs"):
         api.quantize(loaded, api.build_config("rtn", {"group_size": 64}), CALIB, progress=False,

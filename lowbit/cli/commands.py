@@ -118,7 +118,9 @@ def quantize(args: argparse.Namespace) -> int:
             settings[key] = getattr(args, key)
     settings.update(method_settings(args, args.method))
     config = api.build_config(args.method, settings)
-    calib = api.CalibSpec(args.calib, args.nsamples, args.seqlen, args.seed)
+    calib = api.CalibSpec(
+        args.calib, args.nsamples, args.seqlen, args.seed, all_experts=args.calib_all_experts
+    )
     main_process = not distributed.init_from_env() or distributed.is_main()
     estimate = _preflight(args, config, calib, main_process)
     loaded = api.load_model(args.model, stream=args.stream)

@@ -162,6 +162,12 @@ def _add_calib_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument(
+        "--calib-all-experts",
+        action="store_true",
+        help="mixture-of-experts models: calibrate every expert on every token, not only on "
+        "the tokens routed to it (outputs still follow the routing)",
+    )
 
 
 def _add_eval_flags(

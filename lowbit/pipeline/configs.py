@@ -15,13 +15,16 @@ from lowbit.errors import LowbitError
 class CalibSpec:
     """Calibration data: ``nsamples`` random windows of ``seqlen`` tokens of ``corpus``,
     drawn with ``seed`` (see :func:`lowbit.data.calibration.calibration_batch`), run through
-    the model ``batch_size`` windows at a time."""
+    the model ``batch_size`` windows at a time. ``all_experts``: every expert of a
+    mixture-of-experts block is calibrated on every token (as llm-compressor's MoE calibration),
+    not only on the tokens routed to it; the block's outputs still follow the routing."""
 
     corpus: str = "austen-emma"
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
     batch_size: int = 8
+    all_experts: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or (

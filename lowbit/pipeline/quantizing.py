@@ -91,7 +91,7 @@ def quantize(
             )
         reports = quantize_sequential(
             loaded.model, loaded.table, ids, registered, config, calib.batch_size, progress, store,
-            loaded.stream,
+            loaded.stream, calib.all_experts,
         )
         earlier = store.earlier_seconds if store is not None else 0.0
     seconds = earlier + time.perf_counter() - start
@@ -192,7 +192,7 @@ def _model_context(loaded, calib, calib_ids, workdir, resume, progress) -> Model
     def ptq(config: MethodConfig) -> list[LayerReport]:
         return quantize_sequential(
             loaded.model, loaded.table, calib_ids(), method_for(config), config,
-            calib.batch_size, progress,
+            calib.batch_size, progress, all_experts=calib.all_experts,
         )
 
     def windows(corpus: str, n: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
