@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.models.arch import TABLES
+from lowbit.models.arch import BlockTable
 from lowbit.models.convert import linear_layout
 from lowbit.models.discovery import discover, find_structure, norm_gain_offset
 from lowbit.models.experts import expert_modules, unfuse_experts
@@ -20,6 +20,47 @@ LLAMA_SEQ = (
     ("mlp.down_proj",),
 )
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+# The tables lowbit had written by hand before discovery (lowbit/models/arch.py until #19).
+_LLAMA = BlockTable(
+    blocks="model.layers",
+    sequential=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    norm_feeds=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+)
+
+_GEMMA3 = BlockTable(
+    blocks="model.layers",
+    sequential=_LLAMA.sequential,
+    norm_feeds=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
+    norm_gain_offset=1.0,
+)
+
+_OPT = BlockTable(
+    blocks="model.decoder.layers",
+    sequential=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.out_proj",),
+        ("fc1",),
+        ("fc2",),
+    ),
+    norm_feeds=(
+        ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("final_layer_norm", ("fc1",)),
+    ),
+)
+TABLES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma3_text": _GEMMA3, "opt": _OPT}
 
 
 @pytest.mark.parametrize("model_type", sorted(TABLES))

@@ -16,11 +16,11 @@ from lowbit.errors import LowbitError
 from lowbit.formats.fixed_point import from_fixed_point8, grid_range, to_fixed_point8
 from lowbit.formats.intq import IntGrid, expand_groups
 from lowbit.formats.range_search import lp_scales
-from lowbit.models.arch import get_blocks, table_for
+from lowbit.models.arch import get_blocks
+from lowbit.models.discovery import table_of
 from lowbit.nn.fake_quant_linear import FakeQuantSTE, LRQATLinear, QATLinear
 from lowbit.nn.quant_linear import QuantLinear
 
-TABLE = table_for("llama")
 VOCAB = 64  # token ids drawn below this
 
 
@@ -47,8 +47,9 @@ def batches(cfg: LRQATConfig, seed: int = 1) -> torch.Tensor:
 
 def prepared(cfg: LRQATConfig, seed: int = 0):
     model = tiny_llama(seed)
-    blocks = get_blocks(model, TABLE)
-    return model, blocks, attach(model, blocks, TABLE, cfg)
+    table = table_of(model)
+    blocks = get_blocks(model, table)
+    return model, blocks, attach(model, blocks, table, cfg)
 
 
 def run(cfg, store=None, seed=0):

@@ -1,13 +1,11 @@
-"""Per-architecture block tables: where the decoder blocks are and how their linears relate.
+"""Block tables: where the decoder blocks are and how their linears relate.
 
-Adding an architecture = one :class:`BlockTable` entry in :data:`TABLES`. A table names, relative
-to the top-level ``*ForCausalLM`` module, the list of decoder blocks, and relative to a block:
-the linears in the order a block computes them (``sequential`` groups: linears in one group read
-the same input), and which norm feeds which linears (used by smoothing/reassembly methods).
-
-Extension points documented in docs/ARCHITECTURES.md: Mistral and Qwen2 share Llama's table;
-OPT uses ``model.decoder.layers`` with ``fc1``/``fc2``; GPT-2 stores its linears as ``Conv1D``
-(transposed weights) and needs a conversion to ``nn.Linear`` before it can be added here.
+A table names, relative to the top-level ``*ForCausalLM`` module, the list of decoder blocks,
+and relative to a block: the linears in the order a block computes them (``sequential`` groups:
+linears in one group are quantized from one calibration pass), which norm feeds which linears
+(used by smoothing/reassembly methods) and the norms' gain offset. Tables are found from the
+model by :mod:`lowbit.models.discovery`; :data:`OVERRIDES` holds the ones it would get wrong
+(docs/ARCHITECTURES.md).
 """
 
 from __future__ import annotations
@@ -15,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
-
-from lowbit.errors import LowbitError
 
 
 @dataclass(frozen=True)
@@ -60,65 +56,10 @@ class BlockTable:
         return int(name[len(self.blocks) + 1 :].split(".", 1)[0])
 
 
-_LLAMA = BlockTable(
-    blocks="model.layers",
-    sequential=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-    norm_feeds=(
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ),
-)
-
-_GEMMA3 = BlockTable(
-    blocks="model.layers",
-    sequential=_LLAMA.sequential,
-    norm_feeds=(
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ),
-    norm_gain_offset=1.0,
-)
-
-_OPT = BlockTable(
-    blocks="model.decoder.layers",
-    sequential=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.out_proj",),
-        ("fc1",),
-        ("fc2",),
-    ),
-    norm_feeds=(
-        ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("final_layer_norm", ("fc1",)),
-    ),
-)
-
 # Tables for model types where discovery (lowbit.models.discovery) is wrong, each with its
-# reason. None is known: discovery reproduces every table below (tests/test_discovery.py).
+# reason. None is known: discovery reproduces the hand-written tables lowbit had for llama,
+# mistral, qwen2, gemma3_text and opt (kept as expectations in tests/test_discovery.py).
 OVERRIDES: dict[str, BlockTable] = {}
-
-TABLES: dict[str, BlockTable] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "gemma3_text": _GEMMA3,
-    "opt": _OPT,
-}
-
-
-def table_for(model_type: str) -> BlockTable:
-    """The block table of ``model_type`` or a LowbitError listing the supported ones."""
-    if model_type not in TABLES:
-        raise LowbitError(
-            f"model type '{model_type}' has no block table; supported: {', '.join(TABLES)} "
-            "(add one in lowbit/models/arch.py, see docs/ARCHITECTURES.md)"
-        )
-    return TABLES[model_type]
 
 
 def get_blocks(model: nn.Module, table: BlockTable) -> nn.ModuleList:
