@@ -131,6 +131,9 @@ def quantize(args: argparse.Namespace) -> int:
         return 0  # torchrun: rank 0 saves, evaluates and reports
     out = api.save_quantized(loaded, result, args.out)
     print(_layer_table(result.layers, per_block=not args.layers))
+    experts = _expert_tokens(result.layers)
+    if experts:
+        print(experts)
     report = {
         "model": args.model,
         "method": args.method,
@@ -221,6 +224,26 @@ def _layer_table(layers: list, per_block: bool) -> str:
             ]
         )
     return render(headers, rows)
+
+
+def _expert_tokens(layers: list) -> str:
+    """Calibration tokens each expert saw, per block (mixture-of-experts models; '' else)."""
+    per_block: dict[str, dict[str, int]] = defaultdict(dict)
+    for r in layers:
+        head, sep, rest = r.name.partition(".experts.")
+        if sep and "calib_tokens" in r.extra:
+            per_block[head][rest.split(".")[0]] = r.extra["calib_tokens"]
+    rows = []
+    for name, tokens in per_block.items():
+        counts = sorted(tokens.values())
+        rows.append([name, len(counts), counts[0], counts[len(counts) // 2], counts[-1],
+                     sum(1 for c in counts if c == 0)])
+    if not rows:
+        return ""
+    headers = ["experts", "count", "min tokens", "median", "max", "no tokens"]
+    return "\ncalibration tokens per expert (--json: each expert's calib_tokens)\n" + render(
+        headers, rows
+    )
 
 
 def evaluate(args: argparse.Namespace) -> int:
