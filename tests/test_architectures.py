@@ -115,7 +115,7 @@ def test_command_line_quantizes_a_saved_folder(arch, tiny_folders, tmp_path, cap
     layers = json.loads(report.read_text())["layers"]
     assert all(r["extra"]["calib_tokens"] > 0 for r in layers if ".experts." not in r["name"])
     printed = capsys.readouterr().out
-    if arch == "qwen3_moe":
+    if arch in ("qwen3_moe", "mixtral"):
         experts = [r for r in layers if ".experts." in r["name"]]
         assert len(experts) == 24 and all("calib_tokens" in r["extra"] for r in experts)
         assert "calibration tokens per expert" in printed and "model.layers.1.mlp" in printed

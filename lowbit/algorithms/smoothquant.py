@@ -27,6 +27,21 @@ from lowbit.errors import LowbitError
 PRODUCERS = {"mlp.down_proj": "mlp.up_proj", "fc2": "fc1"}
 
 
+def producer_of(block: torch.nn.Module, name: str) -> str | None:
+    """The linear whose output rows scale linear ``name``'s input (``up_proj`` for
+    ``down_proj``: ``act(gate) * up`` is linear in ``up``), when the block has it; None
+    otherwise (e.g. Phi-3's and GLM-4's fused ``gate_up_proj``: their ``down_proj`` input is
+    then not smoothed)."""
+    source = PRODUCERS.get(name)
+    if source is None:
+        return None
+    try:
+        block.get_submodule(source)
+    except AttributeError:
+        return None
+    return source
+
+
 @dataclass(frozen=True)
 class SmoothQuantConfig(WAConfig):
     """SmoothQuant: the weights and activations of :class:`WAConfig`, after migrating the
@@ -79,8 +94,9 @@ def smooth_block(config: SmoothQuantConfig, ctx) -> dict[str, float]:
         )
     plans = [(norm, linears) for norm, linears in table.norm_feeds]
     last = table.sequential[-1]
-    if last[0] in PRODUCERS:
-        plans.append((PRODUCERS[last[0]], last))
+    source = producer_of(ctx.block, last[0])
+    if source is not None:
+        plans.append((source, last))
     stats = {linears[0]: input_stats(ctx, linears[0], 1).absmax for _src, linears in plans}
     applied = {}
     for source, linears in plans:
