@@ -19,6 +19,7 @@ Two passes, as llm-compressor's sequential pipeline finds its subgraphs from the
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -228,6 +229,8 @@ def norm_gain_offset(norm: nn.Module, width: int) -> float | None:
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.shape != (width,):
         return None
+    norm = copy.deepcopy(norm).float()  # the probe in fp32 whatever the model's dtype
+    weight = norm.weight
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, width, generator=gen).to(weight.dtype)
     bias = getattr(norm, "bias", None)
