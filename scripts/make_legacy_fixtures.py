@@ -110,34 +110,16 @@ CALIB = {"nsamples": 4, "seqlen": 32, "batch_size": 4}
 
 
 def byte_tokenizer():
-    """A byte-level BPE tokenizer without merges: ids 0-255 are the bytes (GPT-2's
-    byte-to-unicode map), 256 ``<s>`` (added first when encoding), 257 ``</s>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """The byte-level tokenizer of ``lowbit/models/tiny.py`` (ids 0-255 the bytes, 256 ``<s>``
+    added first, 257 ``</s>``), loaded from this checkout's file: the lowbit this script
+    imports is the old one, which has no ``tiny`` module."""
+    import importlib.util
 
-    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
-    vocab["<s>"], vocab["</s>"] = 256, 257
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 256)]
-    )
-    tok.add_special_tokens(["<s>", "</s>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level map: each byte to a printable character."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(161, 173), *range(174, 256)]
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(keep, chars, strict=True)}
+    path = Path(__file__).resolve().parents[1] / "lowbit" / "models" / "tiny.py"
+    spec = importlib.util.spec_from_file_location("_lowbit_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.byte_tokenizer()
 
 
 def base_model(folder: Path) -> Path:

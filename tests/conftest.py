@@ -38,3 +38,20 @@ def gemma3_2blocks(tmp_path_factory):
     from lowbit.models.fixtures import truncated_copy
 
     return truncated_copy("gemma3-270m", 2, tmp_path_factory.mktemp("gemma3-2b"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smollm2_2blocks, tmp_path_factory):
+    """A random 2-block Llama (hidden 64) with SmolLM2's tokenizer: fast to load and save."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_2blocks).save_pretrained(path)
+    return path

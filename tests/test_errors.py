@@ -6,7 +6,6 @@ bug) stays a traceback."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from lowbit import api
 from lowbit.cli.main import main
@@ -17,23 +16,6 @@ from lowbit.pipeline import quantizing
 CALIB = api.CalibSpec(nsamples=2, seqlen=16, batch_size=2)
 RTN = {"bits": 4, "group_size": 32}
 QUANTIZE = ["--method", "rtn", "--bits", "4", "-g", "32", "--nsamples", "2", "--seqlen", "16"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(smollm2_2blocks, tmp_path_factory):
-    """A random 2-block Llama (hidden 64) with SmolLM2's tokenizer: fast to load."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_2blocks).save_pretrained(path)
-    return path
 
 
 def _cli_error(argv, capsys) -> str:

@@ -29,23 +29,6 @@ QUANTIZE = ["--bits", "4", "-g", "32", "--nsamples", "2", "--seqlen", "32"]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(smollm2_2blocks, tmp_path_factory):
-    """A random 2-block Llama (hidden 64) with SmolLM2's tokenizer: fast to load and save."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_2blocks).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def tiny_dir(tiny_model, tmp_path_factory):
     """A lowbit DIR (RTN 4-bit) of the tiny model, never modified: tests work on copies."""
     loaded = api.load_model(str(tiny_model))
