@@ -49,6 +49,12 @@ def _all_cases() -> list:
     ]
 
 
+def _config(model) -> dict:
+    skip = {"quantization_config", "lowbit", "dtype", "torch_dtype", "transformers_version",
+            "_name_or_path"}
+    return {k: v for k, v in model.config.to_dict().items() if k not in skip}
+
+
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch")
@@ -74,6 +80,9 @@ def test_quantize_save_reload_generate(arch, method, tiny_folders, tmp_path):
     assert result.layers and 2 < result.avg_bits < 16
     out = api.save_quantized(loaded, result, tmp_path / "q")
     again = api.load_model(str(out))
+    # everything the forward reads from the config (soft-capping, sliding windows, partial
+    # rotary, parallel attention, tied embeddings) comes back as it was
+    assert _config(again.model) == _config(loaded.model)
     with torch.no_grad():
         want = loaded.model(IDS).logits
         got = again.model(IDS).logits
@@ -135,3 +144,113 @@ def test_calibrating_every_expert_on_every_token(tiny_folders):
     with torch.no_grad():  # the experts are quantized, the routing and the outputs still work
         got = loaded.model(IDS).logits
     assert got.shape == want.shape and not torch.equal(got, want)
+
+
+# Export where the format applies: compressed-tensors (weight-only int4 g32 from RTN) loaded back
+# by transformers (dequantized) with the logits of lowbit's own reload. GPT-2's Conv1D models
+# are refused (transformers' quantized loaders replace nn.Linear only).
+EXPORT_DEFAULT = ("llama", "mixtral", "phi3", "falcon")
+CT_TOLERANCE = 2e-3  # max relative logit error: fp16 scales in the export (3e-4 seen)
+
+
+@pytest.mark.parametrize("arch", [
+    *EXPORT_DEFAULT,
+    *[pytest.param(a, marks=pytest.mark.slow) for a in ARCHS
+      if a not in EXPORT_DEFAULT and a != "gpt2"],
+])
+def test_compressed_tensors_export_loads_with_the_same_logits(arch, tiny_folders, tmp_path):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from lowbit.export.compressed_tensors import export_compressed_tensors
+
+    loaded = api.load_model(tiny_folders(arch))
+    result = api.quantize(loaded, api.build_config("rtn", METHODS["rtn"]), CALIB, progress=False)
+    folder = api.save_quantized(loaded, result, tmp_path / "q")
+    out = export_compressed_tensors(folder, tmp_path / "ct")
+    hf = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    with torch.no_grad():
+        want = api.load_model(str(folder)).model(IDS).logits
+        got = hf(IDS).logits
+    err = float((got - want).abs().max() / want.abs().max())
+    assert err <= CT_TOLERANCE, f"{arch}: max relative logit error {err:.3g}"
+
+
+def test_exports_refuse_conv1d_models(tiny_folders, tmp_path):
+    from lowbit.export.compressed_tensors import export_compressed_tensors
+
+    loaded = api.load_model(tiny_folders("gpt2"))
+    result = api.quantize(loaded, api.build_config("rtn", METHODS["rtn"]), CALIB, progress=False)
+    folder = api.save_quantized(loaded, result, tmp_path / "q")
+    with pytest.raises(LowbitError, match="Conv1D"):
+        export_compressed_tensors(folder, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_mixtral_exports_under_the_names_transformers_writes(tiny_folders, tmp_path):
+    from safetensors import safe_open
+
+    from lowbit.export.compressed_tensors import export_compressed_tensors
+
+    loaded = api.load_model(tiny_folders("mixtral"))
+    result = api.quantize(loaded, api.build_config("rtn", METHODS["rtn"]), CALIB, progress=False)
+    out = export_compressed_tensors(api.save_quantized(loaded, result, tmp_path / "q"),
+                                    tmp_path / "ct")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    with safe_open(str(tiny_folders("mixtral") + "/model.safetensors"), "pt") as f:
+        modules = {k.rsplit(".", 1)[0] for k in f.keys() if ".experts." in k}
+    assert len(modules) == 2 * 4 * 3 and all(".block_sparse_moe.experts." in m for m in modules)
+    assert {f"{m}.weight_packed" for m in modules} <= keys
+    assert not any(".mlp.experts." in k for k in keys)
+
+
+def test_gemma2_soft_capping_and_sliding_window_act_after_quantization(tmp_path):
+    """Gemma-2's final logit soft-capping and sliding-window attention are the model's
+    forward, untouched by quantization: a quantized, reloaded model's logits stay inside the
+    cap, and positions past the window see a different context than with the window off."""
+    cap, window = 0.5, 4
+    folder = save_tiny("gemma2", tmp_path / "g", final_logit_softcapping=cap,
+                       sliding_window=window)
+    loaded = api.load_model(str(folder))
+    result = api.quantize(loaded, api.build_config("gptq", METHODS["gptq"]), CALIB,
+                          progress=False)
+    again = api.load_model(str(api.save_quantized(loaded, result, tmp_path / "q")))
+    assert again.model.config.final_logit_softcapping == cap
+    assert again.model.config.sliding_window == window
+    assert "sliding_attention" in again.model.config.layer_types
+    with torch.no_grad():
+        windowed = again.model(IDS).logits
+        assert float(windowed.abs().max()) < cap
+        again.model.config.sliding_window = 1000
+        full = again.model(IDS).logits
+    assert torch.allclose(windowed[:, :window], full[:, :window], atol=1e-6)
+    assert not torch.allclose(windowed[:, window + 1:], full[:, window + 1:], atol=1e-4)
+
+
+def test_tied_embeddings_stay_tied_and_qk_norms_stay_float(tmp_path):
+    folder = str(save_tiny("qwen3", tmp_path / "m", tie_word_embeddings=True))
+    loaded = api.load_model(folder)
+    result = api.quantize(loaded, api.build_config("rtn", METHODS["rtn"]), CALIB, progress=False)
+    again = api.load_model(str(api.save_quantized(loaded, result, tmp_path / "q")))
+    model = again.model
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    attn = model.model.layers[0].self_attn
+    for norm in (attn.q_norm, attn.k_norm):
+        assert type(norm).__name__.endswith("RMSNorm") and norm.weight.is_floating_point()
+    source = api.load_model(folder).model.model.layers[0].self_attn
+    assert torch.equal(attn.q_norm.weight, source.q_norm.weight)
+
+
+def test_spqr_layout_refuses_mixture_of_experts(tiny_folders, tmp_path):
+    from lowbit.export.spqr_layout import export_spqr
+
+    loaded = api.load_model(tiny_folders("qwen3_moe"))
+    config = api.build_config("spqr", METHODS["spqr"])
+    result = api.quantize(loaded, config, CALIB, progress=False)
+    folder = api.save_quantized(loaded, result, tmp_path / "q")
+    with pytest.raises(LowbitError, match="mixture-of-experts"):
+        export_spqr(folder, tmp_path / "s")
+    assert not (tmp_path / "s").exists()

@@ -35,6 +35,7 @@ _LLAMA = BlockTable(
         ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
+    row_feeds=(("mlp.up_proj", ("mlp.down_proj",)),),  # smoothquant.py's PRODUCERS until #19
 )
 
 _GEMMA3 = BlockTable(
@@ -45,6 +46,7 @@ _GEMMA3 = BlockTable(
         ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ),
     norm_gain_offset=1.0,
+    row_feeds=_LLAMA.row_feeds,
 )
 
 _OPT = BlockTable(
@@ -59,6 +61,8 @@ _OPT = BlockTable(
         ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("final_layer_norm", ("fc1",)),
     ),
+    # fc1 through a ReLU (PRODUCERS until #19); v_proj is new: OPT has a value head per query head
+    row_feeds=(("self_attn.v_proj", ("self_attn.out_proj",)), ("fc1", ("fc2",))),
 )
 TABLES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma3_text": _GEMMA3, "opt": _OPT}
 
@@ -199,3 +203,31 @@ def test_unfused_names_are_the_names_transformers_writes(tmp_path):
     model = tiny_model("qwen3_moe")
     unfuse_experts(model)
     assert set(model.state_dict()) == on_disk
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "falcon", "starcoder2", "phi3", "glm4"])
+def test_no_row_feed_through_gelu_or_a_fused_gate_up(model_type):
+    """GELU MLPs (the activation is not positively homogeneous) and Phi-3/GLM-4's fused
+    ``gate_up_proj`` (twice the width of down's input): nothing scales down's input exactly."""
+    model = tiny_model(model_type)
+    linear_layout(model)
+    table = discover(model)
+    assert table.row_feeds == ()
+    assert table.producer_of(table.sequential[-1]) is None
+
+
+def test_grouped_kv_heads_have_no_value_row_feed():
+    """With fewer value heads than query heads ``v_proj`` is narrower than ``o_proj``'s input;
+    with one per query head it scales it exactly."""
+    grouped = discover(tiny_model("llama"))
+    assert grouped.producer_of(("self_attn.o_proj",)) is None
+    heads = tiny_model("llama").config.num_attention_heads
+    full = discover(tiny_model("llama", num_key_value_heads=heads))
+    assert full.producer_of(("self_attn.o_proj",)) == "self_attn.v_proj"
+
+
+def test_row_feeds_are_found_in_bf16():
+    """A bf16 load rounds the scaled and the plain paths differently; the probe still finds
+    ``up_proj`` and still refuses ``gate_proj`` (SiLU of it is not linear)."""
+    table = discover(tiny_model("llama").to(torch.bfloat16))
+    assert table.row_feeds == (("mlp.up_proj", ("mlp.down_proj",)),)

@@ -1,5 +1,8 @@
 """Folders written before the typed-core refactor (issue #18) load with today's code and give
-the same results, bit for bit.
+the same results: the same quantized layers and the logits the old code gave, to float
+summation order (bit for bit on the machine that recorded them; another CPU's matmul kernels
+sum in another order, 2e-7 apart on logits of about 1, where a wrong grid or scale moves them
+by 1e-2 or more).
 
 ``tests/data/legacy_v1/<case>/`` are lowbit DIRs saved by lowbit at commit 1f8a6a6 (before the
 refactor) by ``scripts/make_legacy_fixtures.py`` (its docstring says how it was run): a tiny
@@ -27,6 +30,12 @@ from lowbit.cli.main import main
 pytestmark = pytest.mark.usefixtures("one_thread")  # the logits were recorded on one thread
 
 FIXTURES = Path(__file__).parent / "data" / "legacy_v1"
+LOGIT_TOLERANCE = 1e-5  # of the largest |logit|: summation order, far below a wrong grid's 1e-2
+PPL_TOLERANCE = 1e-6  # relative: summation order (2e-9 seen between two CPUs)
+# with quantized activations a 1e-7 difference can move a value across a rounding boundary
+# (3e-5 relative seen for zqfp's fp8 activations between two CPUs)
+ACT_PPL_TOLERANCE = 3e-4
+ACT_QUANTIZED = {"zqfp", "qllm", "smoothquant"}
 RECORD = json.loads((FIXTURES / "cases.json").read_text())
 CASES = RECORD["cases"]
 EVAL = RECORD["eval"]
@@ -69,15 +78,16 @@ def test_old_folder_loads_with_the_same_logits_and_perplexity(case, tmp_path):
     with torch.no_grad():
         logits = loaded.model(input_ids=_ids()).logits.float()
     assert logits.shape == recorded["logits"].shape
-    if not torch.equal(logits, recorded["logits"]):
-        diff = (logits - recorded["logits"]).abs().max().item()
+    diff = (logits - recorded["logits"]).abs().max().item()
+    if diff > LOGIT_TOLERANCE * recorded["logits"].abs().max().item():
         pytest.fail(f"{case}: logits differ from the old code's (max |diff| {diff:.3g})")
     text = str(FIXTURES / EVAL["ppl"])
     scores = api.evaluate(
         loaded, [text], seqlen=EVAL["seqlen"], max_tokens=EVAL["max_tokens"], progress=False
     )
     assert scores["eval_tokens"][text] == CASES[case]["eval_tokens"]
-    assert scores["ppl"][text] == CASES[case]["ppl"]
+    rel = ACT_PPL_TOLERANCE if case in ACT_QUANTIZED else PPL_TOLERANCE
+    assert scores["ppl"][text] == pytest.approx(CASES[case]["ppl"], rel=rel)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -103,4 +113,4 @@ def test_cli_evaluates_an_old_folder(capsys, tmp_path):
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["method"] == "gptq" and result["avg_bits"] == CASES["gptq"]["avg_bits"]
     assert result["eval_tokens"][text] == CASES["gptq"]["eval_tokens"]
-    assert result["ppl"][text] == CASES["gptq"]["ppl"]
+    assert result["ppl"][text] == pytest.approx(CASES["gptq"]["ppl"], rel=PPL_TOLERANCE)

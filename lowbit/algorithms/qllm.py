@@ -43,7 +43,7 @@ from lowbit.algorithms.reassembly import (
     reassemble_weight,
     threshold_candidates,
 )
-from lowbit.algorithms.smoothquant import fold_into_norm, producer_of, scale_rows
+from lowbit.algorithms.smoothquant import fold_into_norm, scale_rows
 from lowbit.algorithms.wa_quant import (
     ObservationPoints,
     WAConfig,
@@ -170,7 +170,7 @@ def _fold_divisors(config, ctx, group, plan, installed, reports) -> tuple[Plan, 
     if norm is not None:
         fold_into_norm(ctx.module(norm), d, ctx.table.norm_gain_offset)
         return plan.gather_only(), norm
-    producer = producer_of(ctx.block, group[0]) if len(group) == 1 else None
+    producer = ctx.table.producer_of(group)
     if producer is None:
         return plan, None
     module = ctx.module(producer)

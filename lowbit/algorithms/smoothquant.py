@@ -3,8 +3,9 @@
 For an input shared by a group of linears, per channel ``s_c = max|x_c|^alpha /
 max|w_c|^(1 - alpha)`` (``max|w_c|`` over every row reading channel ``c``); the input is divided
 by ``s`` and the weight columns multiplied by it, which leaves the output unchanged. The division
-is folded into what produces the input: the norm's gain for q/k/v and gate/up, the rows of
-``up_proj`` for ``down_proj`` (its input is ``act(gate) * up``). Then every linear is rounded to
+is folded into what produces the input: the norm's gain for q/k/v and gate/up, and the rows of
+the linear that scales the last group's input (``up_proj`` for ``down_proj``: its input is
+``act(gate) * up``; found from the model, ``BlockTable.row_feeds``). Then every linear is rounded to
 nearest (:func:`~lowbit.algorithms.wa_quant.quantized_linear`), activations per token.
 """
 
@@ -20,26 +21,6 @@ from lowbit.core.config import option
 from lowbit.core.method import register
 from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
-
-# the linear whose output rows produce down_proj's input, per down-projection name: dividing
-# its rows by s divides the input by s (act(gate) * up is linear in up; OPT's fc1 feeds a ReLU,
-# which commutes with a positive scale)
-PRODUCERS = {"mlp.down_proj": "mlp.up_proj", "fc2": "fc1"}
-
-
-def producer_of(block: torch.nn.Module, name: str) -> str | None:
-    """The linear whose output rows scale linear ``name``'s input (``up_proj`` for
-    ``down_proj``: ``act(gate) * up`` is linear in ``up``), when the block has it; None
-    otherwise (e.g. Phi-3's and GLM-4's fused ``gate_up_proj``: their ``down_proj`` input is
-    then not smoothed)."""
-    source = PRODUCERS.get(name)
-    if source is None:
-        return None
-    try:
-        block.get_submodule(source)
-    except AttributeError:
-        return None
-    return source
 
 
 @dataclass(frozen=True)
@@ -92,17 +73,17 @@ def smooth_block(config: SmoothQuantConfig, ctx) -> dict[str, float]:
             "blocks have no norm feeds (their norms follow attention and MLP); use "
             "--smooth-alpha 0 (no smoothing) or another method"
         )
-    plans = [(norm, linears) for norm, linears in table.norm_feeds]
+    plans = [(norm, linears, False) for norm, linears in table.norm_feeds]
     last = table.sequential[-1]
-    source = producer_of(ctx.block, last[0])
+    source = table.producer_of(last)
     if source is not None:
-        plans.append((source, last))
-    stats = {linears[0]: input_stats(ctx, linears[0], 1).absmax for _src, linears in plans}
+        plans.append((source, last, True))
+    stats = {linears[0]: input_stats(ctx, linears[0], 1).absmax for _src, linears, _ in plans}
     applied = {}
-    for source, linears in plans:
+    for source, linears, rows in plans:
         weights = torch.cat([ctx.module(n).weight for n in linears])
         s = smoothing_scales(stats[linears[0]], weights, config.smooth_alpha)
-        if source in PRODUCERS.values():
+        if rows:
             scale_rows(ctx.module(source), s)
         else:
             fold_into_norm(ctx.module(source), s, table.norm_gain_offset)

@@ -245,7 +245,8 @@ def export_compressed_tensors(src: str | Path, out: str | Path) -> Path:
     src, out, model, manifest, quantized = hf_folder.load_source(src, out)
     layers = {name: layer_scheme(name, q) for name, q in quantized.items()}
     config_groups, ignore, fmt = _config_groups(model, layers)
-    tensors = hf_folder.export_tensors(src, {n: layer.tensors for n, layer in layers.items()})
+    tensors = hf_folder.export_tensors(src, {n: layer.tensors for n, layer in layers.items()},
+                                      model)
     quantization_config = {
         "quant_method": "compressed-tensors",
         "format": fmt,

@@ -125,10 +125,10 @@ def _quantize_config(layers: dict[str, QuantLinear], manifest: dict) -> dict:
 
 def export_gptq(src: str | Path, out: str | Path) -> Path:
     """Write lowbit DIR ``src`` in the GPTQ layout to ``out`` (nothing written on refusal)."""
-    src, out, _, manifest, layers = hf_folder.load_source(src, out)
+    src, out, model, manifest, layers = hf_folder.load_source(src, out)
     per_layer = {name: layer_tensors(name, q) for name, q in layers.items()}
     config = _quantize_config(layers, manifest)
-    tensors = hf_folder.export_tensors(src, per_layer)
+    tensors = hf_folder.export_tensors(src, per_layer, model)
     record = provenance(src, manifest, TARGET)
     extra = {"quantize_config.json": json.dumps({**config, CONFIG_KEY: record}, indent=2)}
     return hf_folder.write_export(src, out, tensors, config, record, extra)

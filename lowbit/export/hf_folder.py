@@ -16,11 +16,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError
 from lowbit.export.lowbit_format import MANIFEST, WEIGHTS, load_quantized, quantized_layers
 from lowbit.export.provenance import CONFIG_KEY
+from lowbit.models.checkpoint_names import checkpoint_keys
+from lowbit.models.convert import layout_of
 
 # files of a lowbit DIR that an export rewrites instead of copying
 _REWRITTEN = {MANIFEST, WEIGHTS, "config.json"}
@@ -47,6 +50,14 @@ def load_source(src: str | Path, out: str | Path) -> tuple[Path, Path, Any, dict
     src = Path(src)
     out = check_export_dir(out, src)
     model, _, manifest = load_quantized(src)
+    converted = layout_of(model)["conv1d"]
+    if converted:
+        raise LowbitError(
+            f"{src} is a {model.config.model_type} model: its linears are GPT-2 Conv1D modules "
+            f"(stored [in, out], e.g. {converted[0]}), which transformers' quantized loaders "
+            "do not replace; export is not supported for it, use lowbit's own folder "
+            "(lowbit eval/generate load it)"
+        )
     layers = quantized_layers(model)
     if not layers:
         raise LowbitError(f"{src} has no quantized layers; nothing to export")
@@ -54,14 +65,17 @@ def load_source(src: str | Path, out: str | Path) -> tuple[Path, Path, Any, dict
 
 
 def export_tensors(
-    src: Path, per_layer: dict[str, dict[str, torch.Tensor]]
+    src: Path, per_layer: dict[str, dict[str, torch.Tensor]], model: nn.Module
 ) -> dict[str, torch.Tensor]:
     """The export's weights: ``src``'s float tensors (:func:`float_tensors`) plus each
-    quantized layer's new tensors, named ``LAYER.TENSOR``."""
+    quantized layer's new tensors, named ``LAYER.TENSOR`` as transformers writes ``model``'s
+    checkpoints (Mixtral's ``block_sparse_moe.experts.E.w1``:
+    :func:`~lowbit.models.checkpoint_names.checkpoint_keys`)."""
     tensors = float_tensors(src, list(per_layer))
     for name, own in per_layer.items():
         tensors.update({f"{name}.{k}": v for k, v in own.items()})
-    return tensors
+    names = checkpoint_keys(model, list(tensors))
+    return {names[k]: v for k, v in tensors.items()}
 
 
 def float_tensors(src: Path, quantized: list[str]) -> dict[str, torch.Tensor]:

@@ -52,6 +52,7 @@ from lowbit.errors import LowbitError
 from lowbit.export import hf_folder
 from lowbit.export.provenance import provenance
 from lowbit.formats.spqr_weight import SpQRWeight
+from lowbit.models.convert import layout_of
 from lowbit.nn.quant_linear import QuantLinear
 
 TARGET = "spqr"
@@ -171,9 +172,15 @@ def export_spqr(src: str | Path, out: str | Path) -> Path:
     written when a layer is refused.
     """
     src, out, model, manifest, layers = hf_folder.load_source(src, out)
+    if layout_of(model)["experts"]:
+        raise LowbitError(
+            f"{src} is a mixture-of-experts model; transformers' SpQR integration replaces "
+            "nn.Linear modules and its experts are fused 3-D parameters, so no engine loads "
+            "an SpQR export of it; use lowbit's own folder (lowbit eval/generate load it)"
+        )
     per_layer = {name: layer_tensors(name, q) for name, q in layers.items()}
     config = quantization_config(per_layer, float_linears(model))
-    tensors = hf_folder.export_tensors(src, per_layer)
+    tensors = hf_folder.export_tensors(src, per_layer, model)
     record = provenance(src, manifest, TARGET)
     return hf_folder.write_export(src, out, tensors, config, record,
                                   config_updates={"dtype": "float16", "torch_dtype": "float16"})

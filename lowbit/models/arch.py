@@ -28,6 +28,10 @@ class BlockTable:
             Llama's ``w``: 0.0); smoothing methods fold scales into ``offset + weight``.
         experts: block-relative names of mixture-of-experts modules unfused into one linear per
             expert matrix (:class:`~lowbit.models.experts.ExpertLinears`).
+        row_feeds: pairs (linear, group) where scaling the linear's output rows by ``s`` scales
+            the group's input channels by exactly ``s`` (Llama's ``up_proj`` for ``down_proj``:
+            ``act(gate) * up`` is linear in ``up``; OPT's ``fc1`` through a ReLU; ``v_proj``
+            for ``o_proj`` without grouped KV heads): smoothing divisors can be folded there.
 
     Whether windows start with BOS is the tokenizer's business, not the architecture's
     (Llama-2 adds BOS, SmolLM2, also a Llama, does not): see ``LoadedModel.add_bos``.
@@ -38,11 +42,17 @@ class BlockTable:
     norm_feeds: tuple[tuple[str, tuple[str, ...]], ...]
     norm_gain_offset: float = 0.0
     experts: tuple[str, ...] = ()
+    row_feeds: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def is_expert(self, name: str) -> bool:
         """Whether block-relative linear ``name`` is one expert's matrix (its tokens are the
         ones routed to that expert)."""
         return any(name.startswith(f"{path}.") for path in self.experts)
+
+    def producer_of(self, group: tuple[str, ...]) -> str | None:
+        """The linear whose output rows scale ``group``'s input (:attr:`row_feeds`), or None
+        (e.g. Phi-3's fused ``gate_up_proj``, a GELU MLP: nothing can be folded there)."""
+        return dict((g, p) for p, g in self.row_feeds).get(tuple(group))
 
     @property
     def linear_names(self) -> tuple[str, ...]:

@@ -37,5 +37,13 @@ def conv1d_to_linear(model: nn.Module) -> list[str]:
 
 
 def linear_layout(model: nn.Module) -> dict[str, list[str]]:
-    """Apply every conversion to ``model`` in place; returns what each one replaced."""
-    return {"experts": unfuse_experts(model), "conv1d": conv1d_to_linear(model)}
+    """Apply every conversion to ``model`` in place; returns what each one replaced, also
+    kept on the model for :func:`layout_of` (exports need to know)."""
+    done = {"experts": unfuse_experts(model), "conv1d": conv1d_to_linear(model)}
+    model.lowbit_layout = done
+    return done
+
+
+def layout_of(model: nn.Module) -> dict[str, list[str]]:
+    """What :func:`linear_layout` replaced in ``model`` (nothing when it never ran)."""
+    return getattr(model, "lowbit_layout", {"experts": [], "conv1d": []})

@@ -163,28 +163,17 @@ def trace_block(model: nn.Module, structure: Structure, input_ids: torch.Tensor)
                 outputs.setdefault(_key(out), name)
         return hook
 
-    def stop(_module, _args, _out):
-        raise _Stop
-
     linears = set(structure.linears)
     hooks = [block.get_submodule(n).register_forward_pre_hook(on_linear(n)) for n in linears]
     hooks += [
         m.register_forward_hook(on_module(n)) for n, m in block.named_modules()
         if n and n not in linears and not is_linear_like(m)
     ]
-    hooks.append(block.register_forward_hook(stop))
-    experts = [m for m in block.modules() if isinstance(m, ExpertLinears)]
-    for m in experts:  # every expert runs, however few of the trace's tokens reach it
-        m.calibrate_all = True
-    try:
-        model(input_ids, use_cache=False)
-    except _Stop:
-        pass
+    try:  # every expert runs, however few of the trace's tokens reach it
+        _run_block0(model, block, input_ids)
     finally:
         for hook in hooks:
             hook.remove()
-        for m in experts:
-            m.calibrate_all = False
     return _dataflow(structure, first_input, outputs)
 
 
@@ -249,9 +238,98 @@ def norm_gain_offset(norm: nn.Module, width: int) -> float | None:
     return round(offset, 3)
 
 
+def _widths(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` features of a linear-like module (Conv1D stores ``[in, out]``)."""
+    if isinstance(module, linear_types()) and not isinstance(module, nn.Linear):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
+def _run_block0(model: nn.Module, block: nn.Module, input_ids: torch.Tensor) -> None:
+    """Forward ``input_ids`` through the embeddings and ``block`` (block 0), then stop."""
+    def stop(_module, _args, _out):
+        raise _Stop
+
+    stop = block.register_forward_hook(stop)
+    experts = [m for m in block.modules() if isinstance(m, ExpertLinears)]
+    for m in experts:
+        m.calibrate_all = True
+    try:
+        model(input_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        stop.remove()
+        for m in experts:
+            m.calibrate_all = False
+
+
+@torch.no_grad()
+def _consumer_input(model, block, consumer: str, input_ids, producer: str | None = None,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 input ``[..., C]`` of linear ``consumer`` in block 0, with ``producer``'s output
+    rows multiplied by ``scale`` ``[C]`` when given."""
+    seen: list[torch.Tensor] = []
+
+    def record(_module, args):
+        if not seen:
+            seen.append(args[0].detach().float().clone())
+
+    def scaled(_module, _args, out):
+        return out * scale.to(out.dtype)
+
+    hooks = [block.get_submodule(consumer).register_forward_pre_hook(record)]
+    if producer is not None:
+        hooks.append(block.get_submodule(producer).register_forward_hook(scaled))
+    try:
+        _run_block0(model, block, input_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen[0]
+
+
+def row_feeds(model: nn.Module, structure: Structure, flow: Dataflow, input_ids: torch.Tensor,
+              skip: set = frozenset()) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``(linear, group)`` where multiplying the linear's output rows by a random positive
+    ``s`` multiplies the group's input channels by exactly ``s``, found by running block 0
+    once per candidate (linears computed earlier, of the input's width, nearest first).
+
+    Holds for ``act(gate) * up`` through ``up``, a ReLU, and attention through ``v_proj`` when
+    every query head has its own value head; fails for GELU/SiLU of the candidate, a gate,
+    grouped KV heads. Groups in ``skip`` (already norm-fed) and expert matrices are not probed.
+    """
+    block = model.get_submodule(structure.blocks)[0]
+    order = [name for group in flow.sequential for name in group]
+    found = []
+    for group in flow.sequential:
+        if group in skip or _expert_stage(group[0], structure):
+            continue
+        width = _widths(block.get_submodule(group[0]))[0]
+        earlier = order[: order.index(group[0])]
+        candidates = [n for n in reversed(earlier) if not _expert_stage(n, structure)
+                      and _widths(block.get_submodule(n))[1] == width]
+        if not candidates:
+            continue
+        base = _consumer_input(model, block, group[0], input_ids)
+        if not base.abs().max() > 0:
+            continue
+        scale = torch.rand(width, generator=torch.Generator().manual_seed(1)) * 1.5 + 0.5
+        exact = all(p.dtype == torch.float32 for p in block.parameters() if p.is_floating_point())
+        tol = 1e-4 if exact else 3e-2  # half precision rounds the scaled and the plain paths
+        for name in candidates:
+            got = _consumer_input(model, block, group[0], input_ids, name, scale)
+            want = base * scale
+            if float((got - want).abs().max()) <= tol * float(want.abs().max()):
+                found.append((name, group))
+                break
+    return tuple(found)
+
+
 def discover(model: nn.Module, input_ids: torch.Tensor | None = None) -> BlockTable:
     """The :class:`BlockTable` of ``model`` (embeddings and block 0 with real weights), found
-    by :func:`find_structure`, :func:`trace_block` and :func:`norm_gain_offset`.
+    by :func:`find_structure`, :func:`trace_block`, :func:`norm_gain_offset` and
+    :func:`row_feeds`.
 
     Feeds whose module is not an affine norm are dropped (smoothing and reassembly then refuse
     the groups they would fold into); norms that disagree on their gain offset are an error.
@@ -275,18 +353,16 @@ def discover(model: nn.Module, input_ids: torch.Tensor | None = None) -> BlockTa
             f"the norms of {type(model).__name__} use different gain offsets {sorted(offsets)}; "
             "add a block table for it in lowbit/models/arch.py"
         )
+    fed = {group for _name, group in feeds}
     return BlockTable(
         structure.blocks, flow.sequential, tuple(feeds), offsets.pop() if offsets else 0.0,
-        structure.unfused,
+        structure.unfused, row_feeds(model, structure, flow, input_ids, skip=fed),
     )
 
 
 def _hidden_width(block: nn.Module, flow: Dataflow) -> int:
     """Input width of the block's first linear (the hidden size)."""
-    first = block.get_submodule(flow.sequential[0][0])
-    if isinstance(first, linear_types()) and not isinstance(first, nn.Linear):
-        return first.weight.shape[0]  # Conv1D: [in, out]
-    return first.in_features
+    return _widths(block.get_submodule(flow.sequential[0][0]))[0]
 
 
 def table_of(model: nn.Module) -> BlockTable:
