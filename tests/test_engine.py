@@ -24,15 +24,16 @@ def test_sequential_replay_equals_model_forward(fixture, request):
     ids = torch.randint(5, 1000, (6, 32), generator=torch.Generator().manual_seed(0))
     seen = []
     hook = model.model.norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    with torch.no_grad():
-        model(ids, use_cache=False)
+    with torch.no_grad():  # the forward in the replay's batches: matmul kernels (so summation
+        for batch in (ids[:4], ids[4:]):  # order) may depend on the batch size on some CPUs
+            model(batch, use_cache=False)
         hook.remove()
         store = capture_block_inputs(model, blocks, ids, batch_size=4)
         assert [x.shape[0] for x in store.hidden] == [4, 2]
         hidden = store.hidden
         for i, block in enumerate(blocks):
             hidden = [block_output(block, x, store.call_for(i, x)) for x in hidden]
-    assert torch.equal(torch.cat(hidden), seen[0])
+    assert torch.equal(torch.cat(hidden), torch.cat(seen))
     assert all(
         isinstance(b, torch.nn.Module) and not type(b).__name__.startswith("_") for b in blocks
     )
