@@ -41,7 +41,10 @@ def expert_module_names(model: nn.Module) -> dict[str, str]:
             f"{path}.gate_up_proj": torch.arange(2 * e, dtype=torch.float64).reshape(e, 2, 1),
             f"{path}.down_proj": (torch.arange(e, dtype=torch.float64) + _DOWN).reshape(e, 1, 1),
         }
-        for key, value in _revert(model, probe).items():
+        reverted = _revert(model, probe)
+        if len(reverted) != 3 * e:
+            raise RuntimeError(f"the reverse conversion of {path} lost expert matrices")
+        for key, value in reverted.items():
             if not key.endswith(".weight") or value.numel() != 1:
                 raise RuntimeError(f"unexpected reverse conversion of {path}: {key}")
             code = int(value.item())
@@ -50,8 +53,6 @@ def expert_module_names(model: nn.Module) -> dict[str, str]:
             else:
                 own = f"{path}.{code // 2}.{('gate_proj', 'up_proj')[code % 2]}"
             names[own] = key[: -len(".weight")]
-        if len(names) % (3 * e):
-            raise RuntimeError(f"the reverse conversion of {path} lost expert matrices")
     return names
 
 

@@ -250,7 +250,7 @@ def _run_block0(model: nn.Module, block: nn.Module, input_ids: torch.Tensor) -> 
     def stop(_module, _args, _out):
         raise _Stop
 
-    stop = block.register_forward_hook(stop)
+    handle = block.register_forward_hook(stop)
     experts = [m for m in block.modules() if isinstance(m, ExpertLinears)]
     for m in experts:
         m.calibrate_all = True
@@ -259,7 +259,7 @@ def _run_block0(model: nn.Module, block: nn.Module, input_ids: torch.Tensor) -> 
     except _Stop:
         pass
     finally:
-        stop.remove()
+        handle.remove()
         for m in experts:
             m.calibrate_all = False
 
@@ -301,6 +301,8 @@ def row_feeds(model: nn.Module, structure: Structure, flow: Dataflow, input_ids:
     """
     block = model.get_submodule(structure.blocks)[0]
     order = [name for group in flow.sequential for name in group]
+    exact = all(p.dtype == torch.float32 for p in block.parameters() if p.is_floating_point())
+    tol = 1e-4 if exact else 3e-2  # half precision rounds the scaled and the plain paths
     found = []
     for group in flow.sequential:
         if group in skip or _expert_stage(group[0], structure):
@@ -315,11 +317,9 @@ def row_feeds(model: nn.Module, structure: Structure, flow: Dataflow, input_ids:
         if not base.abs().max() > 0:
             continue
         scale = torch.rand(width, generator=torch.Generator().manual_seed(1)) * 1.5 + 0.5
-        exact = all(p.dtype == torch.float32 for p in block.parameters() if p.is_floating_point())
-        tol = 1e-4 if exact else 3e-2  # half precision rounds the scaled and the plain paths
+        want = base * scale
         for name in candidates:
             got = _consumer_input(model, block, group[0], input_ids, name, scale)
-            want = base * scale
             if float((got - want).abs().max()) <= tol * float(want.abs().max()):
                 found.append((name, group))
                 break
