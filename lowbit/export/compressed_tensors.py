@@ -22,9 +22,22 @@ global tensor scale)                                              ``[R, C/2]``, 
                                                                   ``weight_global_scale`` ``[1]``
 MX-scaled FP4 (fp4_e2m1, G=32, e8m0)   ``mxfp4-pack-quantized``   ``weight_packed``,
                                                                   ``weight_scale`` uint8 codes
-+ fp8_e4m3 activations, per token      ``input_activations``      (dynamic: nothing stored)
-+ fp8_e4m3 activations, per tensor     ``input_activations``      ``input_scale`` ``[1]``
+int8 sym weights + int8 activations    ``int-quantized``          ``weight`` int8 ``[R, C]``
+(W8A8 INT8, SmoothQuant's format)                                 (``u - 128``),
+                                                                  ``weight_scale`` fp32
+                                                                  ``[R, n]``
+int4 sym weights + int8 activations    ``pack-quantized``         as the int rows above
++ fp8_e4m3 / int8 (symmetric)          ``input_activations``      (dynamic: nothing stored)
+activations, per token
++ fp8_e4m3 / int8 (symmetric)          ``input_activations``      ``input_scale`` ``[1]``
+activations, per tensor (static)
 =====================================  =========================  ==============================
+
+INT8 activations mean what vLLM computes: ``x_q = clamp(round(x / s), -128, 127)`` with
+``s = amax(|x_t|) / 127`` per token (dynamic) or the stored ``input_scale`` (static), lowbit's
+:class:`~lowbit.nn.act_quant.ActQuantizer` exactly. (compressed-tensors' own fake-quant forward,
+which transformers runs, computes a dynamic int8 scale as ``amax / 127.5``; a static scale is
+used as stored by every engine.)
 
 Integer codes: lowbit stores ``u`` in ``[0, 2^b)`` with value ``s * (u - z)``;
 compressed-tensors quantizes to signed ``q = u - 2^(b-1)`` with ``zp = z - 2^(b-1)`` and packs
@@ -32,7 +45,8 @@ compressed-tensors quantizes to signed ``q = u - 2^(b-1)`` with ``zp = z - 2^(b-
 
 Refused, with the reason (:class:`~lowbit.errors.LowbitError`): SpQR weights (outliers, bilevel
 statistics), LoRC low-rank factors, act-order permutations, real-valued zeros, ragged groups,
-other bit widths, M1/M2 scales other than MX FP4, and INT8 / FP8-E5M2 activations (see
+other bit widths, M1/M2 scales other than MX FP4, FP8-E5M2 activations, and INT8 activations
+that are asymmetric or read asymmetric or non-integer weights (no engine kernel takes them; see
 :func:`layer_scheme`).
 """
 
@@ -59,7 +73,8 @@ TARGET = "compressed-tensors"
 EXPRESSIBLE = (
     "INT4/INT8 weights (rtn, gptq without act-order permutation, zqfp int) group or channel, "
     "sym or asym; FP8-E4M3 weights with float scales (zqfp fp8); NVFP4; MXFP4; optionally with "
-    "FP8-E4M3 activations per token (dynamic) or per tensor (static)"
+    "FP8-E4M3 activations, or symmetric INT8 activations on sym INT weights (W8A8 INT8), per "
+    "token (dynamic) or per tensor (static)"
 )
 PACKED_INT_BITS = (4, 8)
 _SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -177,21 +192,49 @@ def _block_layer(
     raise _refuse(
         name,
         f"block-scaled {cfg.element} weights {cfg.granularity.describe()}, {cfg.scale_format} "
-        f"scales by rule '{cfg.scale_rule}'" + (" and a tensor scale" if cfg.tensor_scale else ""),
+        f"scales by rule '{cfg.scale_rule}'" + (" and a tensor scale" if cfg.tensor_scale else "")
+        + "; zqfp exports with --weight-format int4 or int8 (W4A8 / W8A8), --weight-format "
+        "fp8_e4m3, or FP4 as MXFP4 (--scale-constraint m1 -g 32)",
     )
+
+
+ACT_FORMATS = {"fp8_e4m3": "float", "int8": "int"}
 
 
 def _act_args(name: str, q: QuantLinear) -> tuple[dict | None, dict[str, torch.Tensor]]:
     act = q.act_quant
     if act is None:
         return None, {}
-    if act.fmt != "fp8_e4m3" or not act.symmetric:
-        raise _refuse(name, f"{act.fmt} activations (compressed-tensors' int8 scale is "
-                      "amax/127.5 where lowbit's is amax/127, and it has no fp8_e5m2)")
-    args = {"num_bits": 8, "type": "float", "symmetric": True}
+    if act.fmt not in ACT_FORMATS:
+        raise _refuse(name, f"{act.fmt} activations (compressed-tensors' activations are "
+                      "fp8_e4m3 or int8)")
+    if not act.symmetric:
+        raise _refuse(name, f"asymmetric {act.fmt} activations (vLLM takes a per-token zero "
+                      "point from the token's own min/max, lowbit's range always holds 0); "
+                      "re-quantize with --act-symmetric")
+    args = {"num_bits": 8, "type": ACT_FORMATS[act.fmt], "symmetric": True}
     if act.granularity == "token":
         return {**args, "strategy": "token", "dynamic": True, "observer": None}, {}
     return {**args, "strategy": "tensor", "dynamic": False}, {"input_scale": act.scale.float()}
+
+
+def _int8_activation_weights(name: str, stored: object) -> None:
+    """INT8 activations run on integer kernels (vLLM's W8A8 / W4A8 int8), which take
+    symmetric integer weights only."""
+    if not isinstance(stored, PackedIntWeight):
+        raise _refuse(name, f"INT8 activations with {stored.kind} weights (int8 activation "
+                      "kernels take integer weights); use --act-format fp8_e4m3")
+    if not stored.grid.symmetric:
+        raise _refuse(name, "INT8 activations with asymmetric weights (vLLM's int8 kernels take "
+                      "symmetric weights); re-quantize with --sym")
+
+
+def _int_quantized(w: PackedIntWeight, args: dict) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """8-bit symmetric weights unpacked, as ``int-quantized`` (the W8A8 INT8 layout): signed
+    int8 ``q = u - 128`` ``[R, C]`` and the scales widened to fp32 (the dtype vLLM's int8
+    kernels take them in; a loader that dequantizes in the scale's dtype stays exact)."""
+    q = (w.codes().to(torch.int16) - 128).to(torch.int8)
+    return args, {"weight": q, "weight_scale": w.scales.float()}, "int-quantized"
 
 
 def layer_scheme(name: str, q: QuantLinear) -> CTLayer:
@@ -201,16 +244,20 @@ def layer_scheme(name: str, q: QuantLinear) -> CTLayer:
     if q.reassembly is not None:
         raise _refuse(name, "QLLM channel reassembly gathers its input channels")
     stored = q.stored_weight()
+    act, act_tensors = _act_args(name, q)
+    if act is not None and act["type"] == "int":
+        _int8_activation_weights(name, stored)
     if isinstance(stored, PackedIntWeight):
         weights, tensors = _int_layer(name, stored)
         fmt = "pack-quantized"
+        if act is not None and act["type"] == "int" and stored.grid.bits == 8:
+            weights, tensors, fmt = _int_quantized(stored, weights)
     elif isinstance(stored, PackedBlockWeight):
         weights, tensors, fmt = _block_layer(name, stored)
     else:
         raise _refuse(name, f"stored weight kind '{stored.kind}' (SpQR outliers and bilevel "
                       "statistics have no compressed-tensors layout; 3-bit 16x16 SpQR exports "
                       "losslessly with --format spqr)")
-    act, act_tensors = _act_args(name, q)
     scheme = {"weights": weights, "input_activations": act, "output_activations": None,
               "format": fmt}
     return CTLayer(scheme, {**tensors, **act_tensors})
