@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "runs" / "vllm"
 MODEL = "smollm2-135m"
+USING = re.compile(r"Using \w+ for [\w ,-]+")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Export:
     source: str
     quantize: tuple[str, ...]
     fmt: str
+    dtype: str = "float32"
+    folder: str = ""  # export folder name when another row made it (default: name)
 
     @property
     def calibrated(self) -> bool:
@@ -54,6 +58,8 @@ SQ = ("--method", "smoothquant", "--bits", "8", "--abits", "8", "-g", "-1")
 EXPORTS = (
     Export("ct-rtn-w4g64-sym", "rtn-w4g64-sym", ("--method", "rtn", "--bits", "4", "-g", "64"),
            "compressed-tensors"),
+    Export("ct-rtn-w4g64-sym-bf16", "rtn-w4g64-sym", ("--method", "rtn", "--bits", "4", "-g", "64"),
+           "compressed-tensors", "bfloat16", "ct-rtn-w4g64-sym"),
     Export("ct-rtn-w4g64-asym", "rtn-w4g64-asym",
            ("--method", "rtn", "--bits", "4", "-g", "64", "--asym"), "compressed-tensors"),
     Export("ct-gptq-w4g64-sym", "gptq-w4g64-sym", GPTQ, "compressed-tensors"),
@@ -84,9 +90,9 @@ def lowbit_cli(*args: str) -> None:
 
 def prepare(exp: Export, nsamples: int) -> tuple[Path, Path]:
     """The lowbit DIR and the export folder of ``exp``, made when missing."""
-    src, out = RUNS / exp.source, RUNS / exp.name
+    src, out = RUNS / exp.source, RUNS / (exp.folder or exp.name)
     if not (src / "lowbit.json").exists():
-        calib = (("--nsamples", str(nsamples), "--seqlen", "256") if exp.calibrated
+        calib = (("--nsamples", str(nsamples), "--seqlen", "128") if exp.calibrated
                  else ("--nsamples", "2", "--seqlen", "64"))  # RTN reads no calibration
         lowbit_cli("quantize", MODEL, *exp.quantize, *calib, "--out", str(src))
     if not (out / "config.json").exists():
@@ -97,12 +103,14 @@ def prepare(exp: Export, nsamples: int) -> tuple[Path, Path]:
 def token_ids(n: int) -> list[int]:
     """The first ``n`` token ids of Pride and Prejudice's first chapter (BOS first when the
     tokenizer adds one), by the base model's tokenizer."""
+    from transformers import AutoTokenizer
+
     from lowbit import api
     from lowbit.data.corpora import load_text
 
     text = load_text("austen-pp")
     start = text.find("It is a truth universally acknowledged")
-    tok = api.load_model(MODEL).tokenizer
+    tok = AutoTokenizer.from_pretrained(api.model_path(MODEL))
     ids = tok(text[start:start + 8 * n])["input_ids"]
     return ids[:n]
 
@@ -118,23 +126,26 @@ def lowbit_logprobs(src: Path, ids: list[int]) -> list[float]:
     return logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
 
 
-def run_vllm(export_dir: Path, ids: list[int], venv: Path, timeout: int,
-             avx2: bool = False) -> dict:
+def run_vllm(export_dir: Path, ids: list[int], venv: Path, timeout: int, dtype: str,
+             avx2: bool = False, reuse: bool = False) -> dict:
     """The worker's JSON report for one export (its own venv, a fresh process); ``avx2``: vLLM
-    loads its AVX2 build."""
-    tag = ".vllm-avx2" if avx2 else ".vllm"
-    out = export_dir.with_suffix(tag + ".json")
-    out.unlink(missing_ok=True)
-    args = [str(venv / "bin" / "python"), str(ROOT / "benchmarks/vllm/vllm_worker.py"),
-            str(export_dir), "--ids", json.dumps(ids), "--out", str(out)] + ["--avx2"] * avx2
-    log = export_dir.with_suffix(tag + ".log")
-    with log.open("w") as f:
-        proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                              env=dict(os.environ, PYTHONPATH=""), cwd="/tmp")
-    if not out.exists():
-        tail = log.read_text().strip().splitlines()[-3:]
-        return {"loaded": False, "error": f"worker exit {proc.returncode}: {' | '.join(tail)}"}
-    return json.loads(out.read_text())
+    loads its AVX2 build; ``reuse``: read the report of an earlier run when there is one."""
+    tag = f".vllm-{dtype}" + ("-avx2" if avx2 else "")
+    out, log = export_dir.with_suffix(tag + ".json"), export_dir.with_suffix(tag + ".log")
+    if not (reuse and out.exists()):
+        out.unlink(missing_ok=True)
+        args = [str(venv / "bin" / "python"), str(ROOT / "benchmarks/vllm/vllm_worker.py"),
+                str(export_dir), "--ids", json.dumps(ids), "--out", str(out),
+                "--dtype", dtype] + ["--avx2"] * avx2
+        with log.open("w") as f:
+            proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                  env=dict(os.environ, PYTHONPATH=""), cwd="/tmp")
+        if not out.exists():
+            tail = log.read_text().strip().splitlines()[-3:]
+            return {"loaded": False, "error": f"worker exit {proc.returncode}: {' | '.join(tail)}"}
+    report = json.loads(out.read_text())
+    report["log"] = sorted({m.group(0) for m in USING.finditer(log.read_text())})
+    return report
 
 
 def compare(ours: list[float], theirs: list[float]) -> dict:
@@ -156,8 +167,10 @@ def table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         ran = r.get("mode") or ("not loaded: " + r.get("error", "")[:120])
+        scheme = " / ".join(r.get("schemes") or r.get("methods") or ["-"])
+        kernel = " / ".join(r.get("kernels") or ["-"])
         lines.append(
-            f"| {r['export']} | {r.get('scheme', '-')} | {r.get('kernel', '-')} | {ran} "
+            f"| {r['export']} ({r.get('dtype', '-')}) | {scheme} | {kernel} | {ran} "
             f"| {fmt(r.get('mean_abs_dlogprob'), '.1e')} / {fmt(r.get('max_abs_dlogprob'), '.1e')} "
             f"| {fmt(r.get('ppl_vllm'), '.4f')} | {fmt(r.get('ppl_lowbit'), '.4f')} "
             f"| {fmt(r.get('load_s'), '.1f')} |")
@@ -168,10 +181,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="export names to run (default: all)")
     ap.add_argument("--tokens", type=int, default=320)
-    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per vLLM worker")
-    ap.add_argument("--avx2", action="store_true",
-                    help="also run each int4 (WNA16) export on vLLM's AVX2 build")
+    ap.add_argument("--avx2", nargs="*", default=[],
+                    help="exports (int4, WNA16) also run on vLLM's AVX2 build")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use the vLLM reports of earlier runs where present")
     ap.add_argument("--prepare-only", action="store_true", help="quantize and export only")
     ap.add_argument("--json", default=str(ROOT / "results/export/vllm.json"))
     args = ap.parse_args()
@@ -202,7 +217,7 @@ def main() -> None:
             rows.append({**row, "error": f"lowbit refused: exit {e.returncode}"})
             continue
         t0 = time.perf_counter()
-        rep = run_vllm(out, ids, venv, args.timeout)
+        rep = run_vllm(out, ids, venv, args.timeout, exp.dtype, reuse=args.reuse)
         row.update({k: v for k, v in rep.items() if not k.endswith("logprobs")},
                    worker_s=time.perf_counter() - t0)
         if rep.get("logprobs"):
@@ -213,8 +228,9 @@ def main() -> None:
                 row["reference"] = ref
                 row["native_vs_reference_max"] = compare(
                     rep["logprobs"], rep["reference_logprobs"])["max_abs_dlogprob"]
-            if args.avx2 and any("WNA16" in k for k in rep.get("kernels", [])):
-                rep2 = run_vllm(out, ids, venv, args.timeout, avx2=True)
+            if exp.name in args.avx2 and any("WNA16" in k for k in rep.get("kernels", [])):
+                rep2 = run_vllm(out, ids, venv, args.timeout, exp.dtype, avx2=True,
+                                reuse=args.reuse)
                 row["avx2"] = {k: v for k, v in rep2.items() if not k.endswith("logprobs")}
                 if rep2.get("logprobs"):
                     row["avx2"].update(compare(ours, rep2["logprobs"]))

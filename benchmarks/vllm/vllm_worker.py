@@ -3,22 +3,24 @@
     python vllm_worker.py EXPORT_DIR --ids '[1, 2, ...]' --out REPORT.json
 
 Loads EXPORT_DIR with vLLM (CPU, eager, fp32 unless --dtype), records the quantization method,
-scheme and linear kernel of its linear layers (walking the loaded model, and vLLM's own
-"Using ... for ..." log lines), then the prompt log-probabilities of the token ids
+scheme and linear kernel of its linear layers (walking the loaded model; the driver also reads
+vLLM's own "Using ... for ..." log lines), then the prompt log-probabilities of the token ids
 (``SamplingParams(prompt_logprobs=0, max_tokens=1)``): entry t is log p(ids[t+1] | ids[:t+1]).
 
 ``--avx2`` makes vLLM see a CPU without AVX-512, so it loads its AVX2 build (as on an AVX2-only
 machine). Where the build lacks ``torch.ops._C.cpu_gemm_wna16`` (vLLM's int4 CPU kernel,
 absent from its AVX2 build), ``vllm._custom_ops.cpu_gemm_wna16`` is replaced by
-:func:`reference_wna16`, a plain-torch matmul that unpacks the tensors as vLLM's CPUWNA16LinearKernel repacked them, and
-the report says ``mode: reference``. Writes the JSON report even when loading fails (``error``).
+:func:`reference_wna16`, a plain-torch matmul that unpacks the tensors as vLLM's
+CPUWNA16LinearKernel repacked them, and
+the report says ``mode: reference``; so it does where the kernel refuses the dtype (it has
+no fp32 path: the fp32 forward then runs the stand-in, a check of the layout only).
+Writes the JSON report even when loading fails (``error``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
 import traceback
@@ -26,19 +28,6 @@ import traceback
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # model in this process
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-
-
-class _Lines(logging.Handler):
-    """Keeps vLLM's log messages that name a kernel or quantization method."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if ("Using " in msg and " for " in msg) or "quantization" in msg.lower():
-            self.lines.append(msg)
 
 
 def reference_wna16(input, q_weight, scales, zeros, bias, pack_factor, isa_hint):
@@ -122,9 +111,7 @@ def main() -> None:
         torch.cpu._is_avx512_supported = lambda: False
         torch.cpu._is_avx512_bf16_supported = lambda: False
     ids = json.loads(args.ids)
-    handler = _Lines()
-    logging.getLogger("vllm").addHandler(handler)
-    report: dict = {"dtype": args.dtype, "log": handler.lines,
+    report: dict = {"dtype": args.dtype,
                     "build": "AVX2 (_C_AVX2)" if args.avx2 else "native"}
     try:
         import torch
@@ -147,7 +134,16 @@ def main() -> None:
         report.update(info)
         used = any("WNA16" in k for k in info["kernels"])
         report["mode"] = "native" if native or not used else "reference"
-        report["logprobs"] = prompt_logprobs(llm, ids)
+        try:
+            report["logprobs"] = prompt_logprobs(llm, ids)
+        except NotImplementedError as e:  # cpu_gemm_wna16 takes bf16/fp16 activations only
+            if not used or "cpu_gemm_wna16" not in str(e):
+                raise
+            report["native_error"] = str(e).splitlines()[0]
+            report["mode"] = f"reference ({args.dtype}: native kernel refuses this dtype)"
+            ops.cpu_gemm_wna16 = reference_wna16
+            report["logprobs"] = prompt_logprobs(llm, ids)
+            native = False
         if native and used:  # the same forward with the stand-in, to check it on this kernel
             ops.cpu_gemm_wna16 = reference_wna16
             report["reference_logprobs"] = prompt_logprobs(llm, ids)
