@@ -54,7 +54,7 @@ class Export:
 
 
 GPTQ = ("--method", "gptq", "--bits", "4", "-g", "64", "--static-groups")
-SQ = ("--method", "smoothquant", "--bits", "8", "--abits", "8", "-g", "-1")
+SQ = ("--method", "smoothquant", "--bits", "8", "--abits", "8", "-g", "-1", "--sym")
 EXPORTS = (
     Export("ct-rtn-w4g64-sym", "rtn-w4g64-sym", ("--method", "rtn", "--bits", "4", "-g", "64"),
            "compressed-tensors"),
@@ -62,12 +62,14 @@ EXPORTS = (
            "compressed-tensors", "bfloat16", "ct-rtn-w4g64-sym"),
     Export("ct-rtn-w4g64-asym", "rtn-w4g64-asym",
            ("--method", "rtn", "--bits", "4", "-g", "64", "--asym"), "compressed-tensors"),
+    Export("gptq-rtn-w4g64-sym", "rtn-w4g64-sym", ("--method", "rtn", "--bits", "4", "-g", "64"),
+           "gptq", "bfloat16"),  # vLLM's auto_gptq takes fp16/bf16 only
     Export("ct-gptq-w4g64-sym", "gptq-w4g64-sym", GPTQ, "compressed-tensors"),
-    Export("gptq-gptq-w4g64-sym", "gptq-w4g64-sym", GPTQ, "gptq"),
+    Export("gptq-gptq-w4g64-sym", "gptq-w4g64-sym", GPTQ, "gptq", "bfloat16"),
     Export("ct-rtn-w8ch-sym", "rtn-w8ch-sym", ("--method", "rtn", "--bits", "8", "-g", "-1"),
            "compressed-tensors"),
     Export("gptq-rtn-w8ch-sym", "rtn-w8ch-sym", ("--method", "rtn", "--bits", "8", "-g", "-1"),
-           "gptq"),
+           "gptq", "bfloat16"),
     Export("ct-zqfp-w8a8-fp8", "zqfp-w8a8-fp8",
            ("--method", "zqfp", "--weight-format", "fp8_e4m3", "--act-format", "fp8_e4m3",
             "-g", "-1"), "compressed-tensors"),
@@ -138,8 +140,11 @@ def run_vllm(export_dir: Path, ids: list[int], venv: Path, timeout: int, dtype: 
                 str(export_dir), "--ids", json.dumps(ids), "--out", str(out),
                 "--dtype", dtype] + ["--avx2"] * avx2
         with log.open("w") as f:
-            proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env=dict(os.environ, PYTHONPATH=""), cwd="/tmp")
+            try:
+                proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                      env=dict(os.environ, PYTHONPATH=""), cwd="/tmp")
+            except subprocess.TimeoutExpired:
+                return {"loaded": False, "error": f"worker timed out after {timeout} s"}
         if not out.exists():
             tail = log.read_text().strip().splitlines()[-3:]
             return {"loaded": False, "error": f"worker exit {proc.returncode}: {' | '.join(tail)}"}
