@@ -182,6 +182,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge(files: list[str], out: Path) -> None:
+    """Rows of several runs (run in parallel, one export each) into one JSON, in EXPORTS order."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    by_name = {r["export"]: r for run in runs for r in run["rows"]}
+    rows = [by_name[e.name] for e in EXPORTS if e.name in by_name]
+    meta = {**runs[0]["meta"], "uptime": [run["meta"]["uptime"] for run in runs]}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(table(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="export names to run (default: all)")
@@ -192,10 +202,15 @@ def main() -> None:
                     help="exports (int4, WNA16) also run on vLLM's AVX2 build")
     ap.add_argument("--reuse", action="store_true",
                     help="use the vLLM reports of earlier runs where present")
+    ap.add_argument("--merge", nargs="*", metavar="JSON",
+                    help="join the rows of earlier runs' JSON files (in EXPORTS order) into --json")
     ap.add_argument("--prepare-only", action="store_true", help="quantize and export only")
     ap.add_argument("--json", default=str(ROOT / "results/export/vllm.json"))
     args = ap.parse_args()
     venv = Path(os.environ.get("VLLM_VENV", "/work/venvs/vllm"))
+    if args.merge:
+        merge(args.merge, Path(args.json))
+        return
     if args.prepare_only:
         for exp in EXPORTS:
             if not args.only or exp.name in args.only:
