@@ -259,8 +259,8 @@ def main() -> None:
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     meta = {"model": MODEL, "tokens": len(ids), "text": "austen-pp, chapter 1",
             "nsamples": args.nsamples, "uptime": uptime,
-            "cpu_flags": sorted(f for f in Path("/proc/cpuinfo").read_text().split()
-                                if f.startswith("avx512") or f == "avx2")}
+            "cpu_flags": sorted({f for f in Path("/proc/cpuinfo").read_text().split()
+                                 if f.startswith("avx512") or f == "avx2"})}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(table(rows))

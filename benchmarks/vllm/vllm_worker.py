@@ -143,7 +143,8 @@ def main() -> None:
             report["reference_logprobs"] = prompt_logprobs(llm, ids)
     except Exception as e:  # noqa: BLE001 - every failure goes into the report
         lines = f"{type(e).__name__}: {e}".splitlines()
-        report["error"] = " ".join([lines[0]] + [x.strip() for x in lines if "Value error" in x])
+        why = [x.strip() for x in lines[1:] if "Value error" in x or "cannot implement" in x]
+        report["error"] = " ".join([lines[0], *why])
         report["traceback"] = traceback.format_exc()[-3000:]
     with open(args.out, "w") as f:
         json.dump(report, f)
