@@ -102,11 +102,11 @@ def test_default_gptq_by_the_cli_exports(smollm2_2blocks, tmp_path):
     assert err <= 1e-6
 
 
-def test_gptq_without_static_groups_exports_to_gptq_only(smollm2_2blocks, tmp_path):
+def test_gptq_without_static_groups_exports_to_gptq_only(tiny_model, tmp_path):
     """--no-static-groups stores the act-order permutation: refused by compressed-tensors with
     its one-line error, written by the GPTQ layout as desc_act."""
-    src = _quantize(smollm2_2blocks, tmp_path / "q", "gptq",
-                    {"bits": 4, "group_size": 64, "static_groups": False})
+    src = _quantize(tiny_model, tmp_path / "q", "gptq",
+                    {"bits": 4, "group_size": 32, "static_groups": False})
     with pytest.raises(NotExpressible, match="act-order column permutation") as info:
         export_compressed_tensors(src, tmp_path / "ct")
     assert "\n" not in str(info.value) and "without --no-static-groups" in str(info.value)
@@ -166,11 +166,11 @@ def test_zqfp_w4a8_int8_exports(smollm2_2blocks, tmp_path):
 
 
 def test_zqfp_default_fp4_weights_are_refused_naming_the_exportable_settings(
-    smollm2_2blocks, tmp_path
+    tiny_model, tmp_path
 ):
     """ZeroQuant-FP's own default (FP4 E2M1 weights with fp16 group scales) has no
     compressed-tensors form; the error says which zqfp settings export."""
-    src = _quantize(smollm2_2blocks, tmp_path / "q", "zqfp", {"group_size": 64})
+    src = _quantize(tiny_model, tmp_path / "q", "zqfp", {"group_size": 32})
     with pytest.raises(NotExpressible, match="fp4_e2m1") as info:
         export_compressed_tensors(src, tmp_path / "ct")
     message = str(info.value)
@@ -241,14 +241,14 @@ def test_zqfp_w8a8_int8_static_exports_exactly(smollm2_2blocks, tmp_path):
     assert err_ct <= 1e-6 and err_vllm <= 1e-6
 
 
-def test_smoothquant_defaults_are_refused_naming_the_fix(smollm2_2blocks, tmp_path):
+def test_smoothquant_defaults_are_refused_naming_the_fix(tiny_model, tmp_path):
     """SmoothQuant's defaults are QLLM's baseline quantizers (asymmetric weights and
     activations): no int8 engine runs them, and the error names the flags that do."""
-    src = _quantize(smollm2_2blocks, tmp_path / "q", "smoothquant", {"bits": 8, "abits": 8})
+    src = _quantize(tiny_model, tmp_path / "q", "smoothquant", {"bits": 8, "abits": 8})
     with pytest.raises(NotExpressible, match="--act-symmetric") as info:
         export_compressed_tensors(src, tmp_path / "ct")
     assert "\n" not in str(info.value)
-    sym_acts = _quantize(smollm2_2blocks, tmp_path / "q2", "smoothquant",
+    sym_acts = _quantize(tiny_model, tmp_path / "q2", "smoothquant",
                          {"bits": 8, "abits": 8, "act_symmetric": True})
     with pytest.raises(NotExpressible, match="--sym"):
         export_compressed_tensors(sym_acts, tmp_path / "ct2")
