@@ -15,8 +15,10 @@ for m in ${*:-smollm2-135m gemma3-270m}; do
   for bits in ${BITS:-4 3}; do
     for method in rtn gptq; do
       [ -f "$OUT/$m-$method-w$bits-g128.json" ] && continue
+      # measured before static groups became GPTQ's default: groups follow act-order
+      extra=(); [ "$method" = gptq ] && extra=(--no-static-groups)
       "$LOWBIT" quantize "$m" --method "$method" --bits "$bits" --group-size 128 --sym \
-        --ragged-groups --nsamples 32 --seqlen 512 --out "runs/$m-$method-w$bits-g128" \
+        --ragged-groups --nsamples 32 --seqlen 512 --out "runs/$m-$method-w$bits-g128" "${extra[@]}" \
         "${EVAL[@]}" --kld --json "$OUT/$m-$method-w$bits-g128.json"
     done
   done

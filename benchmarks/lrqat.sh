@@ -39,7 +39,7 @@ for bits in ${BITS:-4 3}; do
       # RTN's weights do not depend on the calibration data (only its reported output error)
       rtn) run "rtn-w$bits-pc" --method rtn --bits "$bits" -g -1 --sym --nsamples 16 ;;
       gptq) run "gptq-w$bits-pc" --method gptq --bits "$bits" -g -1 --sym --nsamples 32 \
-        --seqlen 512 ;;
+        --seqlen 512 --no-static-groups ;;  # as measured (the permutation stored)
       lrqat) run "lrqat-w$bits-pc" --method lrqat --bits "$bits" -g -1 --alpha 32 "${TRAIN[@]}" ;;
       fullqat) run "fullqat-w$bits-pc" --method lrqat --full-qat --bits "$bits" -g -1 \
         "${TRAIN[@]}" ;;

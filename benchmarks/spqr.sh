@@ -22,9 +22,10 @@ for m in ${*:-smollm2-135m gemma3-270m}; do
   run "$m" spqr-w3-t1-d001 --method spqr --bits 3 --outlier-threshold 1.0 --percdamp 0.01
   run "$m" spqr-w4-d001 --method spqr --bits 4 --percdamp 0.01
   # RTN/GPTQ symmetric g32 near the same bits (3.5 / 4.5); W3/W4 g128 rows are in foundation
-  run "$m" gptq-w3-g32 --method gptq --bits 3 -g 32 --sym
+  # (GPTQ measured with groups following act-order, its default until issue 21)
+  run "$m" gptq-w3-g32 --method gptq --bits 3 -g 32 --sym --no-static-groups
   run "$m" rtn-w3-g32 --method rtn --bits 3 -g 32 --sym
-  run "$m" gptq-w4-g32 --method gptq --bits 4 -g 32 --sym
+  run "$m" gptq-w4-g32 --method gptq --bits 4 -g 32 --sym --no-static-groups
   run "$m" rtn-w4-g32 --method rtn --bits 4 -g 32 --sym
   # 3-bit codes with more outliers, still under 4 bits
   run "$m" spqr-w3-t045-d001 --method spqr --bits 3 --outlier-threshold 0.45 --percdamp 0.01

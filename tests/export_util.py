@@ -75,6 +75,15 @@ def plain_model(out: Path, state: dict[str, torch.Tensor]):
     return model.eval()
 
 
+def hf_model(path: Path, dequantize: bool):
+    """Export ``path`` loaded by transformers in fp32: its default compressed-tensors path, or
+    compressed-tensors' decompression to dense weights (``dequantize``)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+
+
 def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
     with torch.inference_mode():
         return model(ids).logits.float()

@@ -11,6 +11,7 @@ from export_util import (
     block_weight,
     build_dir,
     fp8_channel_weight,
+    hf_model,
     int_weight,
     logits,
     rel_err,
@@ -38,13 +39,6 @@ def _fp8_token(name):
     return ActQuantizer("fp8_e4m3", "token")
 
 
-def _hf(path, dequantize: bool):
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
-    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-
-
 # Weight-only single-scheme exports that transformers 5.x loads only with dequantize=True
 # (its default path shapes asymmetric zero points unpacked, and runs FP4 weights in bf16 inside
 # an fp32 model). Tolerance on the max relative logit error: fp16 scale products (int) and bf16
@@ -65,7 +59,7 @@ def test_weight_only_export_loads_dequantized_with_same_logits(case, smollm2_2bl
     assert qc["quant_method"] == "compressed-tensors"
     assert list(qc["config_groups"]["group_0"]["targets"]) == ["Linear"]
     assert qc["ignore"] == ["lm_head"]  # "Linear" would match the (tied) head too
-    err = rel_err(logits(load_quantized(src)[0]), logits(_hf(out, dequantize=True)))
+    err = rel_err(logits(load_quantized(src)[0]), logits(hf_model(out, dequantize=True)))
     print(f"compressed-tensors {case}: max relative logit error {err:.3g}")
     assert err <= tol
 
@@ -91,7 +85,7 @@ def test_mixed_schemes_with_activations_load_with_same_logits(smollm2_2blocks, t
     formats = sorted(g["format"] for g in qc["config_groups"].values())
     assert formats == ["float-quantized"] * 2 + ["pack-quantized"] * 3
     lowbit_model = load_quantized(src)[0]
-    hf_logits = logits(_hf(out, dequantize=False))
+    hf_logits = logits(hf_model(out, dequantize=False))
     err = rel_err(logits(lowbit_model), hf_logits)
     print(f"compressed-tensors mixed int4/int8/fp8-w8a8/w4a8: max relative logit error {err:.3g}")
     assert err <= 1e-6

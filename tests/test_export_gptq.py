@@ -59,7 +59,7 @@ def _check(src: Path, out: Path) -> float:
 def test_gptq_act_order_export_unpacks_exactly(smollm2_2blocks, tmp_path):
     loaded = api.load_model(str(smollm2_2blocks))
     calib = api.CalibSpec(nsamples=4, seqlen=64, batch_size=4)
-    cfg = {"bits": 4, "group_size": 64, "act_order": True}
+    cfg = {"bits": 4, "group_size": 64, "act_order": True, "static_groups": False}
     result = api.quantize(loaded, api.build_config("gptq", cfg), calib, progress=False)
     src = api.save_quantized(loaded, result, tmp_path / "q")
     out = export_gptq(src, tmp_path / "gptq")
@@ -96,3 +96,17 @@ def test_gptq_refuses_what_it_cannot_express(weight, reason):
     with pytest.raises(LowbitError, match="Exportable: weight-only") as info:
         layer_tensors("model.layers.0.mlp.up_proj", layer)
     assert reason in str(info.value)
+
+
+def test_quantize_config_reads_static_groups_from_the_recipe_old_folders_meaning_false():
+    """A recipe records static_groups (True by default since issue 21); a folder saved before
+    the key existed meant dynamic groups, and its export must not say otherwise."""
+    from lowbit.export.gptq_layout import _quantize_config
+    from lowbit.nn.quant_linear import QuantLinear
+
+    layers = {"model.layers.0.mlp.up_proj": QuantLinear(int_weight(4, 16, True)(
+        torch.randn(32, 64, generator=torch.Generator().manual_seed(0))))}
+    saved_now = {"recipe": [api.build_config("gptq", {}).to_dict()]}
+    assert _quantize_config(layers, saved_now)["static_groups"] is True
+    old = {"recipe": [{"method": "gptq", "bits": 4, "act_order": True}]}
+    assert _quantize_config(layers, old)["static_groups"] is False

@@ -83,13 +83,21 @@ class GPTQSettings(IntWeightConfig):
 
 @dataclass(frozen=True)
 class GPTQConfig(GPTQSettings):
-    """GPTQ settings (defaults of the reference code, act-order on): the shared solver
-    settings of :class:`GPTQSettings` plus static groups."""
+    """GPTQ settings: the shared solver settings of :class:`GPTQSettings` (the reference
+    code's, act-order on) plus static groups, on by default (llm-compressor's
+    ``actorder="static"``): columns are visited by decreasing diag(H) but the groups stay in
+    weight order, so no permutation is stored and the result exports to every layout
+    (compressed-tensors, vLLM). ``static_groups=False`` (``--no-static-groups``) is the
+    reference code's act-order with groups that follow the visiting order (the permutation
+    stored, GPTQ layout ``desc_act``). Saved folders record the value in their recipe; one
+    without it predates this default and meant ``False``."""
 
     method = "gptq"
-    static_groups: bool = option(False, "group statistics from the original weights before any "
-                                        "update, in the original column order (no permutation "
-                                        "stored at inference)")
+    static_groups: bool = option(True, "group statistics from the original weights before any "
+                                       "update, groups in the original column order (no "
+                                       "permutation stored; exports everywhere); "
+                                       "--no-static-groups: groups follow act-order, the "
+                                       "permutation is stored (GPTQ layout desc_act only)")
 
     @property
     def solver(self) -> GPTQSolver:

@@ -122,7 +122,8 @@ def _int_layer(name: str, w: PackedIntWeight) -> tuple[dict, dict[str, torch.Ten
     grid = w.grid
     if w.perm is not None:
         raise _refuse(name, "its act-order column permutation (g_idx) is stored; re-quantize "
-                      "with --static-groups or --no-act-order")
+                      "without --no-static-groups (static groups are GPTQ's default) or with "
+                      "--no-act-order, or export with --format gptq (desc_act)")
     if grid.bits not in PACKED_INT_BITS:
         raise _refuse(name, f"{grid.bits}-bit integer weights (packed layouts agree across "
                       f"versions and engines only for {PACKED_INT_BITS} bits)")

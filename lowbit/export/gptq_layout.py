@@ -116,6 +116,8 @@ def _quantize_config(layers: dict[str, QuantLinear], manifest: dict) -> dict:
         "group_size": group_size,
         "desc_act": any(q.stored_weight().perm is not None for q in layers.values()),
         "sym": sym,
+        # recipes record every field; one without the key predates GPTQ's static-groups
+        # default (and meant dynamic groups), or is another method's (no groups to order)
         "static_groups": bool(recipe.get("static_groups", False)),
         "true_sequential": bool(recipe.get("true_sequential", False)),
         "damp_percent": recipe.get("percdamp", 0.01),
