@@ -36,12 +36,18 @@ Q = gguf.GGMLQuantizationType
 
 
 def read_back(path: Path):
-    """(model, tokenizer) transformers builds from GGUF file ``path``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The model transformers builds from GGUF file ``path`` (fp32, eval)."""
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+
+
+def read_back_tokenizer(path: Path):
+    """The tokenizer transformers converts from GGUF file ``path``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def kv(reader: gguf.GGUFReader, key: str):
@@ -76,13 +82,11 @@ def test_tiny_architectures_read_back_exactly(smollm2_2blocks, tmp_path, model_t
     """Each supported architecture (Qwen2: q/k/v biases; Qwen3: q/k norms; Gemma-3: 1 + w
     norms, head size 256) in f32: transformers' GGUF loader gives the same logits."""
     src = tiny_with_smollm2_tokenizer(model_type, tmp_path / "src", smollm2_2blocks)
-    out = export_gguf(str(src), tmp_path / "m.gguf", float_type="f32")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name,
-                                                 dtype=torch.float32).eval()
+    out = export_gguf(str(src), tmp_path / "m.gguf", float_type="f32")
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    assert rel_err(logits(ref), logits(model)) <= 1e-5
+    assert rel_err(logits(ref), logits(read_back(out))) <= 1e-5
 
 
 def test_rope_row_order_is_llama_cpp_interleave():
@@ -115,7 +119,7 @@ def test_unquantized_llama_f32_reads_back_exactly(smollm2_2blocks, tmp_path):
     assert kv(reader, "tokenizer.chat_template") == kv(source, "tokenizer.chat_template")
     assert kv(reader, "tokenizer.ggml.pre") == "gpt2"
 
-    model, tokenizer = read_back(out)
+    model, tokenizer = read_back(out), read_back_tokenizer(out)
     ref = AutoModelForCausalLM.from_pretrained(smollm2_2blocks, dtype=torch.float32).eval()
     err = rel_err(logits(ref), logits(model))
     print(f"smollm2 f32 GGUF read back by transformers: max rel logit error {err:.1e}")
@@ -149,7 +153,7 @@ def test_int_group32_converts_losslessly(tiny_model, tmp_path, bits, symmetric, 
     # bits per weight of the block linears: 8.5 (Q8_0) or 4.5 (Q4_0) by ggml's layout
     t = by_name["blk.1.ffn_down.weight"]
     assert t.n_bytes * 8 / t.n_elements == {"Q8_0": 8.5, "Q4_0": 4.5}[ggml]
-    model, _ = read_back(out)
+    model = read_back(out)
     embed = lowbit_model.model.embed_tokens.weight  # tied: the output too
     embed.data = embed.data.half().float()  # the F16 token embedding
     assert rel_err(logits(lowbit_model), logits(model)) <= 1e-5
@@ -194,7 +198,7 @@ def test_gguf_block_weights_are_copied_byte_for_byte(llama256, tmp_path):
     raw_q = quantized_layers(lowbit_model)["model.layers.0.self_attn.q_proj"].stored_weight().raw
     assert np.array_equal(by_name["blk.0.attn_q.weight"].data,
                           raw_q[rope_row_order(256, 4)].numpy())  # rows moved, bytes kept
-    model, _ = read_back(out)
+    model = read_back(out)
     assert rel_err(logits(lowbit_model), logits(model)) <= 1e-5
 
 
@@ -218,7 +222,7 @@ def test_dequantize_writes_f32_with_lowbit_logits(tiny_model, tmp_path):
     src = build_dir(tiny_model, tmp_path / "g64", int_weight(4, 64, False))
     out = export_gguf(str(src), tmp_path / "m.gguf", float_type="f32", dequantize=True)
     assert types(gguf.GGUFReader(out))["blk.0.ffn_up.weight"] == "F32"
-    model, _ = read_back(out)
+    model = read_back(out)
     assert rel_err(logits(load_quantized(src)[0]), logits(model)) <= 1e-5
 
 
@@ -249,7 +253,7 @@ def test_gemma3_f32_reads_back_exactly(gemma3_2blocks, tmp_path):
     norm = {t.name: t for t in reader.tensors}["blk.0.attn_norm.weight"]
     assert torch.equal(torch.from_numpy(norm.data.copy()),
                        ref.model.layers[0].input_layernorm.weight.detach() + 1)
-    model, tokenizer = read_back(out)
+    model, tokenizer = read_back(out), read_back_tokenizer(out)
     ids = torch.tensor([[2, 818, 5279, 529, 7001, 563, 496, 3175, 236761, 107]])
     err = rel_err(logits(ref, ids), logits(model, ids))
     print(f"gemma3 f32 GGUF read back by transformers: max rel logit error {err:.1e}")
