@@ -90,19 +90,19 @@ def test_widths_not_divisible_by_32_are_one_line_errors():
 
 
 def test_gptq_q4_k_fallback_save_reload(smollm2_2blocks, tmp_path):
-    """down_proj (1536 inputs) gets q4_k, every 576-wide linear q5_0 (llama-quantize's
-    fallback); the saved model reloads to the same logits."""
+    """down_proj (1536 inputs) gets q4_k, a 576-wide linear q5_0 (llama-quantize's fallback);
+    the saved model reloads to the same logits. (Two linears per block, for time.)"""
     loaded = api.load_model(str(smollm2_2blocks))
-    result = api.quantize(loaded, api.build_config("gptq", {"weight_format": "gguf-q4_k"}),
-                          CALIB, progress=False)
+    ignore = ["*.q_proj", "*.k_proj", "*.o_proj", "*.gate_proj", "*.up_proj"]
+    config = api.build_config("gptq", {"weight_format": "gguf-q4_k", "ignore": ignore})
+    result = api.quantize(loaded, config, CALIB, progress=False)
     types = {r.name.split(".")[-1]: r.extra["ggml_type"] for r in result.layers}
-    assert types == {"q_proj": "q5_0", "k_proj": "q5_0", "v_proj": "q5_0", "o_proj": "q5_0",
-                     "gate_proj": "q5_0", "up_proj": "q5_0", "down_proj": "q4_k"}
+    assert types == {"v_proj": "q5_0", "down_proj": "q4_k"} and len(result.layers) == 4
     assert {r.bits_per_weight for r in result.layers} == {4.5, 5.5}
     out = api.save_quantized(loaded, result, tmp_path / "q")
     reloaded = api.load_model(str(out))
     stored = [m.stored_weight() for m in reloaded.model.modules() if isinstance(m, QuantLinear)]
-    assert len(stored) == 14 and all(isinstance(s, GGUFBlockWeight) for s in stored)
+    assert len(stored) == 4 and all(isinstance(s, GGUFBlockWeight) for s in stored)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
     with torch.inference_mode():
         assert torch.equal(loaded.model(ids).logits, reloaded.model(ids).logits)
