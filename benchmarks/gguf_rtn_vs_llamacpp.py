@@ -29,11 +29,9 @@ from gguf import GGMLQuantizationType
 from lowbit import api
 from lowbit.data.calibration import calibration_batch
 from lowbit.data.corpora import load_text
-from lowbit.engine.capture import capture_block_inputs
-from lowbit.engine.context import BlockContext
+from lowbit.engine.context import first_block_layers
 from lowbit.formats.gguf_blocks import GGUF_TYPES, GGUFBlockWeight, quantize_rows
 from lowbit.formats.gguf_layout import TYPES
-from lowbit.models.arch import get_blocks
 from lowbit.models.fixtures import truncated_copy
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -75,12 +73,8 @@ def smollm2_layers() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     loaded = api.load_model(str(path))
     ids = calibration_batch(loaded.tokenizer, load_text("austen-emma"), 16, 128, 0,
                             loaded.add_bos)
-    blocks = get_blocks(loaded.model, loaded.table)
-    inputs = capture_block_inputs(loaded.model, blocks, ids, 8)
-    ctx = BlockContext(blocks[0], 0, "model.layers.0", loaded.table, inputs.hidden, inputs)
-    hessians = ctx.collect_hessians(LINEARS)
-    return {n: (ctx.module(n).weight.detach().float().clone(), torch.diag(hessians[n]).float())
-            for n in LINEARS}
+    layers = first_block_layers(loaded.model, loaded.table, ids, LINEARS)
+    return {n: (w, torch.diag(h)) for n, (w, h) in layers.items()}
 
 
 def compare(lib, w, importance, name):
