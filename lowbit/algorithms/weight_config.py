@@ -103,14 +103,15 @@ class BlockFormatConfig(IntWeightConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.weight_format not in WEIGHT_FORMATS:
+        own = self.__dataclass_fields__["weight_format"].metadata.get("choices") == WEIGHT_FORMATS
+        if own and self.weight_format not in WEIGHT_FORMATS:  # (ZQFP redeclares the field)
             raise LowbitError(f"unknown weight format '{self.weight_format}' "
                               f"(--weight-format); choose one of {', '.join(WEIGHT_FORMATS)}")
 
     @property
     def gguf_type(self) -> str | None:
         """The llama.cpp type asked for (``"q4_k"``), or ``None`` for the int grid."""
-        if self.weight_format == "int":
+        if not self.weight_format.startswith(GGUF_PREFIX):
             return None
         return self.weight_format.removeprefix(GGUF_PREFIX)
 
