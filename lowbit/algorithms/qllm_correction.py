@@ -39,7 +39,8 @@ class CorrectedLinear(nn.Module):
         self.register_buffer("w_q", quant.dequantized_weight().clone())
         rows, cols = self.w_q.shape
         bound = 1 / math.sqrt(cols)  # kaiming_uniform(a=sqrt(5)), as LoRA initialises A
-        a = (torch.rand(rank, cols, generator=generator) * 2 - 1) * bound  # CPU draw: same on any device
+        # drawn on the CPU: the same start on any device
+        a = (torch.rand(rank, cols, generator=generator) * 2 - 1) * bound
         self.a = nn.Parameter(a.to(self.w_q.device))
         self.b = nn.Parameter(torch.zeros(rows, rank, device=self.w_q.device))
         self.scale = alpha / rank

@@ -51,7 +51,9 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def activation_home(device: torch.device, activation_bytes: int, reserve_bytes: int) -> torch.device:
+def activation_home(
+    device: torch.device, activation_bytes: int, reserve_bytes: int
+) -> torch.device:
     """Where calibration activations live for a run computing on ``device``: ``device`` when
     ``activation_bytes`` (every copy alive at once) plus ``reserve_bytes`` (the block and its
     working memory) fit in its free memory less :data:`FREE_MARGIN`, else the CPU."""
