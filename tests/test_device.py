@@ -49,7 +49,8 @@ def no_cuda(monkeypatch):
 # ---------------------------------------------------------------- devices, any machine
 
 
-def test_auto_is_cpu_without_cuda(no_cuda):
+def test_auto_is_cpu_without_cuda(no_cuda, monkeypatch):
+    monkeypatch.delenv(placement.AUTO_ENV, raising=False)
     assert placement.resolve_device("auto") == torch.device("cpu")
     assert placement.resolve_device(None) == torch.device("cpu")
     assert placement.resolve_device("cpu") == torch.device("cpu")
@@ -92,16 +93,14 @@ def test_activations_stay_on_cpu_device():
 
 
 def test_device_cpu_gives_the_default_weights(tiny_model):
-    """``device="cpu"`` is the path every run took before devices existed (auto here, on a
-    machine without CUDA, is the CPU as well): the same stored tensors, bit for bit."""
+    """``device="cpu"`` is the path every run took before devices existed (the suite's auto,
+    ``$LOWBIT_AUTO_DEVICE``, is the CPU as well): the same stored tensors, bit for bit."""
     results = []
     for device in ("cpu", None):
         loaded = api.load_model(str(tiny_model))
         kwargs = {} if device is None else {"device": device}
         api.quantize(loaded, GPTQConfig(bits=4, group_size=32), CALIB, progress=False, **kwargs)
         results.append({k: v.clone() for k, v in loaded.model.state_dict().items()})
-    if torch.cuda.is_available():
-        pytest.skip("auto is CUDA here; the gpu tests compare the devices")
     assert results[0].keys() == results[1].keys()
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key]), key

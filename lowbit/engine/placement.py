@@ -10,11 +10,15 @@ devices existed.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 CPU = torch.device("cpu")
+# what ``auto`` means when set (``cpu``, ``cuda``, ``cuda:N``); unset: CUDA when available. The
+# test suite sets it to ``cpu`` so that its stored numbers hold on a machine with a GPU too.
+AUTO_ENV = "LOWBIT_AUTO_DEVICE"
 # keep this share of the device's free memory out of the activations' budget: the allocator's
 # fragmentation, kernels' workspaces, what other processes allocate meanwhile
 FREE_MARGIN = 0.10
@@ -22,8 +26,11 @@ FREE_MARGIN = 0.10
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:
     """The compute device of ``spec``: ``auto`` (or None) = ``cuda`` when CUDA is available,
-    else ``cpu``; ``cpu``, ``cuda``, ``cuda:N``. ValueError for a device this machine lacks."""
+    else ``cpu`` (``$LOWBIT_AUTO_DEVICE`` overrides that); ``cpu``, ``cuda``, ``cuda:N``.
+    ValueError for a device this machine lacks."""
     if spec is None or spec == "auto":
+        if os.environ.get(AUTO_ENV, "auto") != "auto":
+            return resolve_device(os.environ[AUTO_ENV])
         return torch.device("cuda", torch.cuda.current_device()) if _cuda() else CPU
     try:
         device = torch.device(spec)
