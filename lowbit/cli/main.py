@@ -115,8 +115,9 @@ def add_dtype_flag(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="forward dtype (default auto: the checkpoint's, config.json's dtype; a lowbit "
-        "DIR: the dtype it was quantized in)",
+        metavar="T",
+        help="forward dtype: auto (default: the checkpoint's, config.json's dtype; a lowbit "
+        "DIR: the dtype it was quantized in), float32, bfloat16 or float16",
     )
 
 
