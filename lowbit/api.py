@@ -24,7 +24,7 @@ is known, :func:`lowbit.errors.user_input`).
 
 from lowbit.loading import LoadedModel, load_model, model_path
 from lowbit.memory import process_peak_rss_mb as peak_rss_mb
-from lowbit.pipeline.configs import CalibSpec, as_config, build_config
+from lowbit.pipeline.configs import CalibSpec, as_config, as_device, build_config
 from lowbit.pipeline.evaluating import evaluate
 from lowbit.pipeline.preflight import preflight
 from lowbit.pipeline.quantizing import QuantizeResult, average_bits, quantize
@@ -35,6 +35,7 @@ __all__ = [
     "LoadedModel",
     "QuantizeResult",
     "as_config",
+    "as_device",
     "average_bits",
     "build_config",
     "evaluate",

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `--device auto` (every default) is the CPU in the default suite, with or without a GPU: its
+# stored numbers are CPU numbers; the `gpu` tests name their devices
+os.environ.setdefault("LOWBIT_AUTO_DEVICE", "cpu")
 # Without a GPU, Triton kernels run in its interpreter. Triton reads the switch when a module
 # with @triton.jit functions is first imported, so it is set for the whole session before
 # anything (torch.compile's inductor included) can import one; per-test monkeypatching was

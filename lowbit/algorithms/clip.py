@@ -59,7 +59,7 @@ def clip_params(
     rows, cols = w.shape
     group = grid.group_width(cols)
     grouped, _ = pad_to_groups(w.float(), group)  # [R, n, g]; padding repeats the last column
-    weight = torch.zeros(grouped.shape[1] * group)
+    weight = torch.zeros(grouped.shape[1] * group, device=w.device)
     weight[:cols] = column_weight.float()  # padding weighs nothing
     weight = weight.view(1, -1, group)
     best_scale, best_zero = minmax_params(grouped, grid.bits, grid.symmetric, grid.round_zero)

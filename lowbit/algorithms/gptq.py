@@ -124,7 +124,7 @@ def inverse_hessian_cholesky(
             "overflowed); check the model's weights and run in fp32"
         )
     mean_diag = torch.mean(torch.diag(hessian))
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     first = percdamp
     for _ in range(max_tries):
         damped = hessian + percdamp * mean_diag * eye
@@ -189,10 +189,12 @@ class IntColumns:
     After GPTQ, ``scales`` and ``zeros`` ``[R, n_groups]`` fp32 hold every group's statistics.
     """
 
-    def __init__(self, grid: IntGrid, rows: int, cols: int) -> None:
+    def __init__(
+        self, grid: IntGrid, rows: int, cols: int, device: torch.device | None = None
+    ) -> None:
         self.grid = grid
-        self.scales = torch.zeros(rows, grid.num_groups(cols))
-        self.zeros = torch.zeros(rows, grid.num_groups(cols))
+        self.scales = torch.zeros(rows, grid.num_groups(cols), device=device)
+        self.zeros = torch.zeros(rows, grid.num_groups(cols), device=device)
         self.scale = self.zero = None
 
     def group_width(self, cols: int) -> int:
@@ -247,7 +249,7 @@ class BlockColumns:
     def _store(self, g: int, codes: torch.Tensor) -> None:
         if self.scales is None:
             n = self.cfg.block_grid(self.rows, self.cols)[1]
-            self.scales = torch.zeros(self.rows, n, dtype=codes.dtype)
+            self.scales = torch.zeros(self.rows, n, dtype=codes.dtype, device=codes.device)
         self.scales[:, g] = codes[:, 0]
 
     def fit_static(self, w: torch.Tensor) -> None:
@@ -324,7 +326,7 @@ def gptq_columns(
                 quantizer.fit_group(col // group, window)
             code, q = quantizer.round_column(w1[:, i : i + 1])
             if codes is None:
-                codes = torch.zeros(rows, cols, dtype=code.dtype)
+                codes = torch.zeros(rows, cols, dtype=code.dtype, device=code.device)
             codes[:, col] = code
             e = (w1[:, i : i + 1] - q) / u1[i, i]
             w1[:, i:] -= e @ u1[i : i + 1, i:]
@@ -342,7 +344,7 @@ def gptq_quantize(
     solver: GPTQSolver = DEFAULT_SOLVER,
 ) -> GPTQResult:
     """Quantize ``weight`` ``[R, C]`` on ``grid`` minimising tr(E H E^T), H ``[C, C]``."""
-    quantizer = IntColumns(grid, *weight.shape)
+    quantizer = IntColumns(grid, *weight.shape, device=weight.device)
     codes, perm, used = gptq_columns(weight, hessian, quantizer, solver)
     return GPTQResult(codes, quantizer.scales, quantizer.zeros, perm, used)
 

@@ -290,7 +290,8 @@ def apply_model(config: LRQATConfig, ctx) -> tuple[list[LayerReport], dict[str, 
             "start_sha256": start_fingerprint(layers),
         }
         store, progress = ctx.checkpoints, ctx.progress
-        facts.update(train(ctx.model, ctx.blocks, layers, batches, config, meta, store, progress))
+        with ctx.on_device() as model:  # trained on the device, merged back in CPU memory
+            facts.update(train(model, ctx.blocks, layers, batches, config, meta, store, progress))
         facts.update(corpus=config.train_corpus, corpus_sha256=sha)
     reports = merge(ctx.model, layers, initial)
     init_reports = {r.name: r for r in ptq_reports}

@@ -184,7 +184,7 @@ def train(
         with ctx:
             for step in range(start, steps):
                 t0, c0 = time.perf_counter(), time.process_time()
-                batch = batches[step * bsz : (step + 1) * bsz]
+                batch = batches[step * bsz : (step + 1) * bsz].to(params[0].device)
                 with _precision(config.train_dtype, batch.device.type):
                     loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                 optimizer.zero_grad(set_to_none=True)

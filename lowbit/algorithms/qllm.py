@@ -139,7 +139,7 @@ def reassembled_groups(table) -> set[str]:
 )
 def apply_block(config: QLLMConfig, ctx) -> list[LayerReport]:
     names = [n for n in ctx.table.linear_names if not config.ignores(ctx.full_name(n))]
-    windows = search_windows(ctx.hidden, config.search_windows)
+    windows = [ctx.on_device(x) for x in search_windows(ctx.hidden, config.search_windows)]
     targets = ObservationPoints(ctx, windows)
     reassembled = reassembled_groups(ctx.table) if config.reassembly else set()
     reports: list[LayerReport] = []

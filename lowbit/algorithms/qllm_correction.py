@@ -39,8 +39,10 @@ class CorrectedLinear(nn.Module):
         self.register_buffer("w_q", quant.dequantized_weight().clone())
         rows, cols = self.w_q.shape
         bound = 1 / math.sqrt(cols)  # kaiming_uniform(a=sqrt(5)), as LoRA initialises A
-        self.a = nn.Parameter((torch.rand(rank, cols, generator=generator) * 2 - 1) * bound)
-        self.b = nn.Parameter(torch.zeros(rows, rank))
+        # drawn on the CPU: the same start on any device
+        a = (torch.rand(rank, cols, generator=generator) * 2 - 1) * bound
+        self.a = nn.Parameter(a.to(self.w_q.device))
+        self.b = nn.Parameter(torch.zeros(rows, rank, device=self.w_q.device))
         self.scale = alpha / rank
 
     def delta(self) -> torch.Tensor:
@@ -53,7 +55,8 @@ class CorrectedLinear(nn.Module):
             x = q.reassembly(x)
         if q.act_quant is not None:
             x = x + (q.act_quant(x) - x).detach()  # straight-through round
-        return F.linear(x, self.w_q + self.delta(), q.bias)
+        bias = None if q.bias is None else q.bias.to(x.dtype)
+        return F.linear(x, (self.w_q + self.delta()).to(x.dtype), bias)  # the model's dtype
 
 
 def correct_group(config, group, per_block: list[list[LayerReport]]) -> list[LayerReport]:
@@ -81,7 +84,7 @@ def correct_group(config, group, per_block: list[list[LayerReport]]) -> list[Lay
         last_epoch = 0.0
         for i in torch.randperm(len(pairs), generator=generator).tolist():
             x, y = pairs[i]
-            loss = F.mse_loss(group.forward(x), y)
+            loss = F.mse_loss(group.forward(x), group.on_device(y))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -141,7 +144,9 @@ def _micro_batches(group, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @torch.no_grad()
 def _mean_loss(group, pairs) -> float:
-    return sum(float(F.mse_loss(group.forward(x), y)) for x, y in pairs) / len(pairs)
+    return sum(
+        float(F.mse_loss(group.forward(x), group.on_device(y))) for x, y in pairs
+    ) / len(pairs)
 
 
 @torch.no_grad()

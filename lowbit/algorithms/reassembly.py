@@ -63,7 +63,7 @@ class Plan:
             ValueError: a channel is read with two divisors (build_plan never does this).
         """
         merged = self.second != self.first
-        d = torch.ones(in_features, dtype=torch.long)
+        d = torch.ones(in_features, dtype=torch.long, device=self.first.device)
         d[self.first] = self.divisor
         d[self.second[merged]] = self.divisor[merged]
         if not (torch.equal(d[self.first], self.divisor)
@@ -122,7 +122,8 @@ def threshold_candidates(absmax: torch.Tensor, max_extra: int, steps: int) -> li
     # below top / (max_extra + 1) the largest channel alone exceeds max_extra; no channel is
     # split into more than MAX_SPLIT copies (the stored divisor is one byte)
     floor = top / min(max_extra + 1, MAX_SPLIT)
-    ks = torch.arange(1, min(max_extra + 1, MAX_SPLIT) + 1, dtype=torch.float64)
+    ks = torch.arange(1, min(max_extra + 1, MAX_SPLIT) + 1, dtype=torch.float64,
+                      device=absmax.device)
     points = absmax.double()[:, None] / ks[None, :]
     points = torch.unique(points[points >= floor]).flip(0)  # descending: extra grows
 
@@ -215,7 +216,7 @@ def build_plan(
         assemble: merge pairs to keep ``C`` channels (else the input widens by ``extra``).
     """
     c = absmax.numel()
-    counts = split_counts(absmax, theta)
+    counts = split_counts(absmax, theta).cpu()  # index bookkeeping on the host, O(C)
     outlier = counts > 1
     extra = int((counts - 1).sum())
     partner = torch.full((c,), -1, dtype=torch.long)
@@ -224,7 +225,8 @@ def build_plan(
         normal = torch.nonzero(~outlier).flatten()
         a, b = normal[0::2], normal[1::2]
         a = a[: b.numel()]
-        pairs = choose_pairs(pair_scores(x, weight, a, b, score), min(extra, b.numel()))
+        scores = pair_scores(x, weight, a.to(x.device), b.to(x.device), score)
+        pairs = choose_pairs(scores, min(extra, b.numel()))
         for i, j in pairs:
             partner[a[i]] = b[j]
             partner[b[j]] = -2  # absorbed into its partner's entry
@@ -249,7 +251,8 @@ def build_plan(
     for slot, entry in zip(free, copies, strict=False):
         entries[slot] = entry
     entries += copies[len(free):]
-    first, second, divisor = (torch.tensor(v, dtype=torch.long) for v in zip(*entries, strict=True))
+    first, second, divisor = (torch.tensor(v, dtype=torch.long, device=weight.device)
+                              for v in zip(*entries, strict=True))
     return Plan(
         first,
         second,

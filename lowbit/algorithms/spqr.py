@@ -137,7 +137,8 @@ def leave_one_out_gain(window: torch.Tensor, d: torch.Tensor, bits: int) -> torc
     k = window.shape[1]
     if k < 2:
         return torch.zeros_like(window)
-    others = torch.arange(k).expand(k, k)[~torch.eye(k, dtype=torch.bool)].view(k, k - 1)
+    eye = torch.eye(k, dtype=torch.bool, device=window.device)
+    others = torch.arange(k, device=window.device).expand(k, k)[~eye].view(k, k - 1)
     base = hessian_weighted_error(window, d, bits)  # [R]
     loo = hessian_weighted_error(window[:, others], d[others], bits)  # [R, K]
     return base[:, None] - loo
@@ -196,9 +197,9 @@ def spqr_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: SpQRConfi
     step = max(1, solver.block_size // group) * group
     # column-major working copy: column c is the contiguous row wt[c]
     wt = w.t().contiguous()
-    codes = torch.zeros(cols, rows, dtype=torch.uint8)
-    outliers = torch.zeros(cols, rows)
-    errors = torch.zeros(step, rows)
+    codes = torch.zeros(cols, rows, dtype=torch.uint8, device=w.device)
+    outliers = torch.zeros(cols, rows, device=w.device)
+    errors = torch.zeros(step, rows, device=w.device)
     scale_stats, zero_stats, excluded = [], [], 0
     for start in range(0, cols, step):
         end = min(start + step, cols)

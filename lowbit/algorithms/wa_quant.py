@@ -154,7 +154,7 @@ class InputStats:
 
 def input_stats(ctx, name: str, sample_tokens: int) -> InputStats:
     """Per-channel ``max|x|`` of linear ``name``'s input over all calibration inputs."""
-    absmax = torch.zeros(ctx.module(name).in_features)
+    absmax = torch.zeros(ctx.module(name).in_features, device=ctx.device)
     rows: list[torch.Tensor] = []
 
     def observe(_m, args) -> None:
@@ -175,6 +175,7 @@ def _run_with_pre_hook(ctx, name: str, hook, windows: list[torch.Tensor]) -> Non
     handle = ctx.module(name).register_forward_pre_hook(hook)
     try:
         for x in windows:
+            x = ctx.on_device(x)
             _run_until_stopped(ctx.block, x, ctx.inputs.call_for(ctx.index, x))
     finally:
         handle.remove()

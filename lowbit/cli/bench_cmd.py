@@ -36,6 +36,11 @@ def add_bench_parser(sub) -> None:
         help="activation dtype of the quantized model (default bf16: the int4/int8 kernels)",
     )
     d.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    d.add_argument(
+        "--device", default="auto", metavar="D",
+        help="auto (default: cuda when available, else cpu), cpu, cuda or cuda:N: where every "
+        "variant runs",
+    )
     d.add_argument("--json", metavar="FILE", help="write the results as JSON")
     d.set_defaults(func=decode)
 
@@ -43,6 +48,7 @@ def add_bench_parser(sub) -> None:
 def decode(args: argparse.Namespace) -> int:
     import torch
 
+    from lowbit import api
     from lowbit.infer.bench import DecodeBenchConfig, run_decode_bench
 
     if args.threads is not None:
@@ -52,7 +58,7 @@ def decode(args: argparse.Namespace) -> int:
     with user_input("--tokens, --prompt-len, --prefill-repeats", "raise the one below its minimum"):
         cfg = DecodeBenchConfig(
             args.tokens, args.prompt_len, args.compile, args.prefill_repeats, args.corpus,
-            args.quant_dtype,
+            args.quant_dtype, device=str(api.as_device(args.device)),
         )
     report = run_decode_bench(args.model, cfg, progress=lambda m: print(m, file=sys.stderr))
     print(format_report(report))

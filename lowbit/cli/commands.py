@@ -121,12 +121,13 @@ def quantize(args: argparse.Namespace) -> int:
     calib = api.CalibSpec(
         args.calib, args.nsamples, args.seqlen, args.seed, all_experts=args.calib_all_experts
     )
+    device = api.as_device(args.device)  # a device this machine lacks: before any loading
     main_process = not distributed.init_from_env() or distributed.is_main()
     estimate = _preflight(args, config, calib, main_process)
-    loaded = api.load_model(args.model, stream=args.stream)
+    loaded = api.load_model(args.model, args.dtype, stream=args.stream)
     workdir = Path(f"{Path(args.out)}.ckpt")  # resumable state: finished blocks, or training
     result = api.quantize(loaded, config, calib, progress=main_process,
-                          workdir=workdir, resume=args.resume)
+                          workdir=workdir, resume=args.resume, device=device)
     if not main_process:
         return 0  # torchrun: rank 0 saves, evaluates and reports
     out = api.save_quantized(loaded, result, args.out)
@@ -142,6 +143,8 @@ def quantize(args: argparse.Namespace) -> int:
         "avg_bits": result.avg_bits,
         "seconds": result.seconds,
         "stream": args.stream,
+        "device": str(device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
         "preflight": None if estimate is None else estimate.to_dict(),
         "layers": [r.to_dict() for r in result.layers],
         **result.extra,
@@ -150,7 +153,8 @@ def quantize(args: argparse.Namespace) -> int:
         if loaded.stream is not None:  # its blocks are on disk: evaluate what was saved
             loaded = api.load_model(str(out))
         scores = api.evaluate(
-            loaded, args.ppl, args.kld, seqlen=args.eval_seqlen, max_tokens=args.max_tokens
+            loaded, args.ppl, args.kld, seqlen=args.eval_seqlen, max_tokens=args.max_tokens,
+            device=device,
         )
         report.update(
             ppl=scores["ppl"],
@@ -189,7 +193,7 @@ def _preflight(args: argparse.Namespace, config, calib, main_process: bool):
     """Print the run's memory and disk estimate and refuse a run that cannot fit, before the
     model is loaded (stdout: stderr stays one line when the run fails); the estimate, or None
     when there is none."""
-    estimate = api.preflight(args.model, config, calib, args.out, args.stream)
+    estimate = api.preflight(args.model, config, calib, args.out, args.stream, args.dtype)
     if estimate is None or not main_process:
         return estimate
     print(estimate.describe(), flush=True)
@@ -254,9 +258,12 @@ def evaluate(args: argparse.Namespace) -> int:
     ppl = args.ppl
     if tasks is not None and args.ppl is getattr(args, "ppl_default", None):
         ppl = []  # with --tasks, perplexity only for corpora named with --ppl
-    loaded = api.load_model(args.model)
-    base = api.load_model(args.base) if args.kld and args.base else None
-    scores = api.evaluate(loaded, ppl, args.kld, base, args.eval_seqlen, args.max_tokens)
+    device = api.as_device(args.device)
+    loaded = api.load_model(args.model, args.dtype)
+    base = api.load_model(args.base, loaded.dtype) if args.kld and args.base else None
+    scores = api.evaluate(
+        loaded, ppl, args.kld, base, args.eval_seqlen, args.max_tokens, device=device
+    )
     manifest = loaded.manifest or {}
     result = {
         "model": args.model,
@@ -268,6 +275,8 @@ def evaluate(args: argparse.Namespace) -> int:
         "eval_tokens": scores["eval_tokens"],
         "seqlen": args.eval_seqlen,
         "seconds": scores["seconds"],
+        "device": str(device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
         "peak_rss_mb": api.peak_rss_mb(),
     }
     rows = [
@@ -297,14 +306,15 @@ def generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise LowbitError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    device = api.as_device(args.device)
     loaded = api.load_model(args.model, dtype)
-    paths = path_counts(prepare_model(loaded.model, dtype))
+    paths = path_counts(prepare_model(loaded.model.to(device), dtype))
     config = DecodeConfig(args.max_new_tokens, compile=args.compile)
     text, run = greedy_generate(loaded.model, loaded.tokenizer, args.prompt, config)
     print(text)
     kernels = ", ".join(f"{n} {p}" for p, n in paths.items()) or "dense torch"
     print(
-        f"[{args.dtype}, kernels: {kernels}; static KV cache"
+        f"[{args.dtype} on {device}, kernels: {kernels}; static KV cache"
         f"{', compiled decode step' if run.compiled else ''}] prefill "
         f"{run.prompt_len} tokens {run.prefill_seconds:.3f} s; {len(run.new_tokens)} new tokens, "
         f"decode {run.decode_tokens_per_second:.1f} tok/s",

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(p, default_ppl=eval_ppl_default, seqlen_flags=("--seqlen", "--eval-seqlen"))
     p.add_argument("--base", help="model to measure KLD against (default: the DIR's source)")
     add_task_flags(p)
+    add_device_flag(p, "where the model (and the --kld base) run, moved whole")
+    add_dtype_flag(p)
     p.add_argument("--json", metavar="FILE", help="write results as JSON")
     p.set_defaults(func=commands.evaluate, ppl_default=eval_ppl_default)
 
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                    help="activation dtype (default bf16: the fast int4/int8 kernels)")
+    add_device_flag(p, "where the model runs, moved whole")
     p.add_argument("--compile", action="store_true", help="compile the decode step first")
     p.set_defaults(func=commands.generate)
 
@@ -94,6 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     return parser
+
+
+def add_device_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """``--device auto|cpu|cuda|cuda:N`` (default auto: CUDA when available)."""
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="D",
+        help=f"auto (default: cuda when available, else cpu), cpu, cuda or cuda:N: {what}",
+    )
+
+
+def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    """``--dtype auto|float32|bfloat16|float16`` (default auto: the checkpoint's)."""
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        metavar="T",
+        help="forward dtype: auto (default: the checkpoint's, config.json's dtype; a lowbit "
+        "DIR: the dtype it was quantized in), float32, bfloat16 or float16",
+    )
 
 
 def quantize_parser(method: str, prog: str = "lowbit quantize") -> argparse.ArgumentParser:
@@ -143,6 +168,11 @@ def _add_quantize_flags(p: argparse.ArgumentParser, method: str | None) -> None:
         "safetensors files just before quantizing it, keep quantized blocks in OUT.ckpt until "
         "the output is written (block-wise methods)",
     )
+    add_device_flag(
+        p, "each block moves there for its calibration and solve, the model stays in CPU "
+        "memory (or on disk with --stream)"
+    )
+    add_dtype_flag(p)
     p.add_argument(
         "--no-preflight",
         action="store_true",

@@ -15,6 +15,7 @@ from lowbit.core.block_output import StopBlock, block_output
 from lowbit.engine.capture import BlockInputs
 from lowbit.engine.distributed import max_over_ranks, solve_shared, sum_hessian
 from lowbit.engine.hessian import HessianAccumulator
+from lowbit.engine.placement import CPU, home
 from lowbit.models.arch import BlockTable, set_submodule
 from lowbit.models.experts import ExpertLinears
 from lowbit.nn.quant_linear import QuantLinear
@@ -35,6 +36,9 @@ class BlockContext:
         all_experts: while Hessians are collected, every expert of a mixture-of-experts block
             sees every token (else each sees the tokens routed to it).
         calib_tokens: tokens each linear's Hessian was collected over (by block-relative name).
+        device: where the block computes (it is there while the method runs); ``hidden`` live
+            there or in (pinned) CPU memory, and each batch goes to ``device`` as it is used
+            (:meth:`on_device`), each output back to where its input lives.
     """
 
     block: nn.Module
@@ -45,6 +49,11 @@ class BlockContext:
     inputs: BlockInputs
     all_experts: bool = False
     calib_tokens: dict[str, int] = field(default_factory=dict)
+    device: torch.device = CPU
+
+    def on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the block's device (the same tensor when it is there)."""
+        return x.to(self.device, non_blocking=x.is_pinned())
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -59,8 +68,12 @@ class BlockContext:
     def run(self, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The block's outputs for ``hidden`` (default: its calibration inputs)."""
         xs = self.hidden if hidden is None else hidden
+        out = []
         with dense_kernels(self.block):
-            return [block_output(self.block, x, self.inputs.call_for(self.index, x)) for x in xs]
+            for x in xs:
+                y = block_output(self.block, self.on_device(x), self.inputs.call_for(self.index, x))
+                out.append(home(y, x.device, x.is_pinned()))  # where its input lives
+        return out
 
     @torch.no_grad()
     def collect_hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -71,7 +84,7 @@ class BlockContext:
         q/k/v Hessians cost little more than the input norm. An expert no calibration token
         reached gets the identity (GPTQ then rounds it as RTN does), with a warning.
         """
-        accs = {n: HessianAccumulator(self.module(n).in_features) for n in names}
+        accs = {n: HessianAccumulator(self.module(n).in_features, self.device) for n in names}
         seen: set[str] = set()
 
         def observe(name: str, x: torch.Tensor) -> None:
@@ -91,6 +104,7 @@ class BlockContext:
                 for x in self.hidden:
                     seen.clear()
                     try:
+                        x = self.on_device(x)
                         block_output(self.block, x, self.inputs.call_for(self.index, x))
                     except StopBlock:
                         pass
@@ -106,7 +120,7 @@ class BlockContext:
                     "quantized without calibration data: use --calib-all-experts or more "
                     "samples", self.full_name(name),
                 )
-                out[name] = torch.eye(acc.hessian.shape[0])
+                out[name] = torch.eye(acc.hessian.shape[0], device=self.device)
         return out
 
     def solve_layers(self, names: list[str], solve: Callable[[str], Any]) -> dict[str, Any]:
@@ -135,8 +149,14 @@ class GroupContext:
     hidden: list[torch.Tensor]
     targets: list[torch.Tensor]
 
+    def on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the group's device (where its blocks compute)."""
+        return self.blocks[0].on_device(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The group's output ``[b, L, hidden]`` for ``x`` (differentiable: no ``no_grad``)."""
+        """The group's output ``[b, L, hidden]`` on the group's device for ``x`` (anywhere;
+        differentiable: no ``no_grad``)."""
+        x = self.on_device(x)
         for ctx in self.blocks:
             x = block_output(ctx.block, x, ctx.inputs.call_for(ctx.index, x))
         return x

@@ -6,10 +6,11 @@ import torch
 
 
 class HessianAccumulator:
-    """Accumulates ``H`` ``[C, C]`` fp32 over batches of inputs ``[..., C]`` (n = tokens)."""
+    """Accumulates ``H`` ``[C, C]`` fp32 on ``device`` over batches of inputs ``[..., C]``
+    (any float dtype, on ``device``; n = tokens)."""
 
-    def __init__(self, in_features: int) -> None:
-        self.hessian = torch.zeros(in_features, in_features)
+    def __init__(self, in_features: int, device: torch.device | None = None) -> None:
+        self.hessian = torch.zeros(in_features, in_features, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:

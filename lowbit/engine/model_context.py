@@ -9,7 +9,7 @@ state. Nothing here knows a particular method.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,8 @@ class ModelContext:
             windows of a corpus, drawn as calibration windows are; sha256 of the corpus text).
         checkpoints: where resumable state goes, or ``None`` (no checkpoints).
         progress: show progress bars.
+        device: where the method computes; the model is in CPU memory (a training method
+            moves it there for training and back, :meth:`on_device`).
     """
 
     model: nn.Module
@@ -88,6 +90,16 @@ class ModelContext:
     windows: Callable[[str, int, int, int], tuple[torch.Tensor, str]]
     checkpoints: CheckpointStore | None = None
     progress: bool = True
+    device: torch.device = torch.device("cpu")
+
+    @contextlib.contextmanager
+    def on_device(self) -> Iterator[nn.Module]:
+        """The model on :attr:`device` while the context lasts, back in CPU memory after."""
+        self.model.to(self.device)
+        try:
+            yield self.model
+        finally:
+            self.model.to("cpu")
 
     @property
     def blocks(self) -> nn.ModuleList:

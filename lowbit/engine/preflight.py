@@ -39,6 +39,12 @@ from lowbit.models.arch import BlockTable
 ALLOWANCE = 384 * 2**20  # tokenizer, tokenized calibration text, lazily loaded code
 
 
+def activation_copies(group_blocks: int) -> int:
+    """Copies of the calibration activations alive at once: a block's inputs and outputs,
+    and the group's full-precision targets for methods with a group step."""
+    return 2 if group_blocks == 1 else 3
+
+
 @dataclass(frozen=True)
 class RunShape:
     """What the estimate needs to know of the run besides the model's files.
@@ -151,7 +157,7 @@ def estimate(
     inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * hidden)
     heads = config.num_attention_heads
     act = run.nsamples * run.seqlen * hidden * width
-    copies = 2 if run.group_blocks == 1 else 3
+    copies = activation_copies(run.group_blocks)
     common = {
         f"calibration activations ({copies} x {run.nsamples} x {run.seqlen} x {hidden})":
             copies * act,

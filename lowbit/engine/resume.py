@@ -198,7 +198,7 @@ class BlockCheckpoints:
     def _load(self, name: str) -> dict[str, Any]:
         path = self.folder / name
         try:
-            return torch.load(path, weights_only=True)
+            return torch.load(path, weights_only=True, map_location="cpu")
         except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as exc:
             raise self._unreadable(path, exc) from exc
 

@@ -3,7 +3,12 @@ inputs of block i+1. Only one block's calibration activations are alive at a tim
 checkpoints (:mod:`lowbit.engine.resume`) every finished block is persisted, and an interrupted
 run continues from the next block. With a :class:`~lowbit.engine.streaming.BlockStream` the
 blocks start on the meta device: each group's weights are read from disk just before it is
-quantized, and the group is released once it is checkpointed."""
+quantized, and the group is released once it is checkpointed.
+
+With a compute ``device`` the model stays where it is (CPU memory, or disk when streamed): each
+group of blocks moves to the device for its calibration and solve and back before it is
+checkpointed; the calibration activations live on the device when they fit in its free memory
+(:func:`lowbit.engine.placement.activation_home`), else in pinned CPU memory."""
 
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from lowbit.core.method import Method
 from lowbit.core.report import LayerReport
 from lowbit.engine.capture import capture_block_inputs
 from lowbit.engine.context import BlockContext, GroupContext, drop_dense_caches, run_blocks
+from lowbit.engine.placement import CPU, activation_home, home, module_bytes, to_device
+from lowbit.engine.preflight import activation_copies
 from lowbit.engine.resume import BlockCheckpoints
 from lowbit.engine.streaming import BlockStream
 from lowbit.memory import trim_heap
@@ -39,6 +46,7 @@ def quantize_sequential(
     checkpoints: BlockCheckpoints | None = None,
     stream: BlockStream | None = None,
     all_experts: bool = False,
+    device: torch.device | None = None,
 ) -> list[LayerReport]:
     """Quantize ``model`` in place with ``method``; calibration tokens ``[N, L]`` int64.
 
@@ -48,6 +56,7 @@ def quantize_sequential(
     With ``checkpoints``, finished blocks are restored from them first and each newly finished
     block is saved to them. With ``stream`` (which needs ``checkpoints``: they hold the
     quantized blocks), blocks are loaded from disk one group at a time and released after.
+    ``device`` (default: the CPU) is where each group computes (see the module doc).
     Returns the per-linear reports in block order.
     """
     assert stream is None or checkpoints is not None, "a streamed run needs checkpoints"
@@ -64,18 +73,24 @@ def quantize_sequential(
     if restored is not None:
         hidden = restored.hidden
     size = method.group_blocks(config)
+    device = CPU if device is None else device
+    inputs.calls = [to_device(calls, device) for calls in inputs.calls]
+    hidden = _place_activations(hidden, device, size, blocks[first])
     with tqdm(total=len(blocks), initial=first, disable=not progress, unit="block") as bar:
         for start in range(first, len(blocks), size):
             indices = range(start, min(start + size, len(blocks)))
             if stream is not None:
                 for i in indices:
                     stream.load(blocks[i], i)
+            origins = {i: _device_of(blocks[i]) for i in indices}
             contexts = [
-                BlockContext(blocks[i], i, f"{table.blocks}.{i}", table, hidden, inputs,
-                             all_experts)
+                BlockContext(blocks[i].to(device), i, f"{table.blocks}.{i}", table, hidden,
+                             inputs, all_experts, device=device)
                 for i in indices
             ]
             group_reports, hidden = _quantize_group(contexts, method, config, bar)
+            for i in indices:  # back where it was, before it is checkpointed or released
+                blocks[i].to(origins[i])
             reports.extend(r for block_reports in group_reports for r in block_reports)
             if checkpoints is not None:
                 _checkpoint_group(checkpoints, contexts, group_reports, hidden, len(blocks))
@@ -85,6 +100,30 @@ def quantize_sequential(
             del contexts  # the group's inputs go before the next group's outputs come
             trim_heap()  # else freed activations stay resident (lowbit.memory.trim_heap)
     return reports
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (the CPU for one without)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return CPU
+
+
+def _place_activations(
+    hidden: list[torch.Tensor], device: torch.device, group_blocks: int, block: nn.Module
+) -> list[torch.Tensor]:
+    """``hidden`` moved to their home for a run computing on ``device``: the device when the
+    pre-flight's copies of them (:func:`~lowbit.engine.preflight.activation_copies`) fit in
+    its free memory beside the group's blocks (weights and dequantized copies), else pinned
+    CPU memory."""
+    nbytes = sum(x.numel() * x.element_size() for x in hidden)
+    reserve = 2 * group_blocks * module_bytes(block)
+    where = activation_home(device, activation_copies(group_blocks) * nbytes, reserve)
+    log.info("calibration activations (%.1f MiB) live on %s", nbytes / 2**20, where)
+    pin = device.type == "cuda"
+    return [home(x, where, pin) for x in hidden]
 
 
 def _quantize_group(

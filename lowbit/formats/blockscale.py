@@ -274,7 +274,7 @@ def compute_scales(w: torch.Tensor, cfg: BlockScaledConfig) -> BlockScales:
         g = None
         if cfg.tensor_scale:
             t_amax = w.float().abs().max()
-            g = sfmt.max * elem.max / t_amax if t_amax > 0 else torch.tensor(1.0)
+            g = sfmt.max * elem.max / t_amax if t_amax > 0 else torch.ones((), device=w.device)
             g = g.float().reshape(1)
             s = g * s
         stored = sfmt.encode(s.clamp(min=sfmt.min_positive))

@@ -200,14 +200,14 @@ class FloatFormat:
         if not self.has_nan and bool(nan.any()):
             raise ValueError(f"{self.name} has no NaN encoding; the input holds NaN")
         sign = torch.signbit(r).to(torch.int64) << (self.bits - 1)
-        idx = torch.searchsorted(self._finite_magnitudes, r.abs().contiguous())
+        idx = torch.searchsorted(self._finite_magnitudes.to(r.device), r.abs().contiguous())
         nan_code = (1 << (self.bits - 1)) - 1
         idx = torch.where(nan, torch.full_like(idx, nan_code), idx)
         return (idx | sign).to(torch.uint8)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """float32 values of uint8/int ``codes`` (any shape)."""
-        return self._table[_checked_index(codes, self.bits, self.name)]
+        return self._table.to(codes.device)[_checked_index(codes, self.bits, self.name)]
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,8 @@ class PackedIntWeight:
     def zero_points(self) -> torch.Tensor:
         """fp32 ``[R, n_groups]`` zero points (constant mid code when symmetric)."""
         if self.zeros is None:
-            return torch.full(self.scales.shape, float(1 << (self.grid.bits - 1)))
+            return torch.full(self.scales.shape, float(1 << (self.grid.bits - 1)),
+                              device=self.scales.device)
         if self.zeros.dtype == torch.uint8:
             return unpack_codes(self.zeros, self.grid.bits, self.scales.numel()).view(
                 self.scales.shape

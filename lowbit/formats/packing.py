@@ -29,9 +29,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes out of range for {bits}-bit packing")
     pad = (-flat.numel()) % 8
     flat = torch.nn.functional.pad(flat, (0, pad)).view(-1, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=flat.device) * bits
     word = (flat << shifts).sum(dim=1)  # [n/8] holds 8*bits <= 64 bits
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=flat.device) * 8
     return ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
 
@@ -43,9 +43,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
             f"packed buffer has {packed.numel()} bytes, expected {packed_nbytes(numel, bits)}"
         )
     chunks = packed.reshape(-1, bits).to(torch.int64)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=chunks.device) * 8
     word = (chunks << byte_shifts).sum(dim=1)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=chunks.device) * bits
     codes = (word[:, None] >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:numel].to(torch.uint8)
 

@@ -34,7 +34,7 @@ def lp_scales(
     group = grid.group_width(cols)
     grouped, _ = pad_to_groups(w.detach().float(), group)  # [R, n, g]
     ragged = grouped.shape[1] * group != cols
-    real = (torch.arange(grouped.shape[1] * group) < cols).view(1, -1, group)
+    real = (torch.arange(grouped.shape[1] * group, device=w.device) < cols).view(1, -1, group)
     qmin, qmax = grid_range(grid.bits)
     absmax = grouped.abs().amax(dim=-1, keepdim=True)  # [R, n, 1]
     best_err = torch.full_like(absmax, float("inf"))

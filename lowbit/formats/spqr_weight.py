@@ -112,7 +112,7 @@ class SpQRWeight:
         in fp16, so pass fp16-representable values for an exact round trip) and ``perm``."""
         rows, cols = codes.shape
         mask = outliers != 0
-        rowptr = torch.zeros(rows + 1, dtype=torch.int32)
+        rowptr = torch.zeros(rows + 1, dtype=torch.int32, device=codes.device)
         rowptr[1:] = torch.cumsum(mask.sum(dim=1), 0).to(torch.int32)
         idx = mask.nonzero()  # row-major: sorted by row, then column
         return cls(
@@ -146,7 +146,8 @@ class SpQRWeight:
     def outlier_rows(self) -> torch.Tensor:
         """int64 ``[nnz]`` row of each outlier (expanded from the CSR row offsets)."""
         counts = (self.outlier_rowptr[1:] - self.outlier_rowptr[:-1]).long()
-        return torch.repeat_interleave(torch.arange(self.out_features), counts)
+        rows = torch.arange(self.out_features, device=counts.device)
+        return torch.repeat_interleave(rows, counts)
 
     def dense_stored(self) -> torch.Tensor:
         """fp32 ``[R, C]`` dense part ``s * (q - z)`` in stored column order (no outliers)."""

@@ -38,6 +38,8 @@ class DecodeBenchConfig:
     corpus: bundled corpus (or text file) the prompt is cut from.
     quant_dtype: activation dtype the quantized model runs in (``bf16``: the int4/int8 paths).
     bandwidth_mib: buffer size of the bandwidth measurement.
+    device: where every variant runs (``cpu``, ``cuda``, ``cuda:N``), moved whole; the bandwidth
+        fractions are those of the CPU's memory.
     """
 
     tokens: int = 64
@@ -47,6 +49,7 @@ class DecodeBenchConfig:
     corpus: str = "austen-pp"
     quant_dtype: str = "bf16"
     bandwidth_mib: int = 256
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.tokens < 2 or self.prompt_len < 1 or self.prefill_repeats < 1:
@@ -111,11 +114,12 @@ def bench_variant(label: str, spec: str, dtype: str, cfg: DecodeBenchConfig) -> 
 
     start = time.perf_counter()
     loaded = load_model(spec, DTYPES[dtype])
-    model = loaded.model
+    model = loaded.model.to(cfg.device)
     paths = path_counts(prepare_model(model, DTYPES[dtype]))
     load_seconds = time.perf_counter() - start
     with user_input("--prompt-len"):  # the message says the fix
         ids = prompt_ids(loaded.tokenizer, cfg.corpus, cfg.prompt_len, loaded.add_bos)
+    ids = ids.to(cfg.device)
     decoder = Decoder(model, cfg.prompt_len + cfg.tokens, cfg.compile)
     decoder.warm_up(ids)
     prefill = best_prefill_seconds(decoder, ids, cfg.prefill_repeats)

@@ -163,7 +163,7 @@ def greedy_generate(
     model: nn.Module, tokenizer, prompt: str, config: DecodeConfig
 ) -> tuple[str, Decoded]:
     """Decode ``prompt`` greedily with a static cache; returns (text incl. prompt, timings)."""
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
     decoder = Decoder(model, ids.shape[1] + config.max_new_tokens, config.compile)
     if config.compile:
         decoder.warm_up(ids)

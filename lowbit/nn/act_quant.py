@@ -107,8 +107,8 @@ class ActQuantizer(nn.Module):
 
     def scales(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 scales broadcastable to ``x``: ``[..., 1]`` (token) or ``[1]`` (tensor)."""
-        if self.scale is not None:
-            return self.scale.float()
+        if self.scale is not None:  # built on the CPU by a method, until its block moves
+            return self.scale.float().to(x.device)
         return token_scales(x, self.format.max)
 
     def round(self, y: torch.Tensor) -> torch.Tensor:

@@ -101,8 +101,8 @@ class ChannelReassembly(nn.Module):
 
     def matrix(self) -> torch.Tensor:
         """fp32 ``[C, C']`` ``M`` with ``x' = x M`` (tests and weight bookkeeping)."""
-        m = torch.zeros(self.in_features, self.out_features)
-        cols = torch.arange(self.out_features)
+        m = torch.zeros(self.in_features, self.out_features, device=self.first.device)
+        cols = torch.arange(self.out_features, device=self.first.device)
         ca, cb = self.coefficients()
         m.index_put_((self.first.long(), cols), ca, accumulate=True)
         m.index_put_((self.second.long(), cols), cb, accumulate=True)

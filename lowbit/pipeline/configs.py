@@ -6,9 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from lowbit.algorithms import config_class
 from lowbit.core.config import MethodConfig
-from lowbit.errors import LowbitError
+from lowbit.engine.placement import resolve_device
+from lowbit.errors import LowbitError, user_input
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,13 @@ class CalibSpec:
                 f"calibration batch_size must be an integer >= 1, got {self.batch_size!r}; "
                 "use a small positive number of windows per forward pass (default 8)"
             )
+
+
+def as_device(spec: str | torch.device | None) -> torch.device:
+    """The compute device of ``spec`` (``auto``/None: CUDA when available, else the CPU;
+    ``cpu``, ``cuda``, ``cuda:N``); a LowbitError for one this machine lacks."""
+    with user_input("--device"):
+        return resolve_device(spec)
 
 
 def build_config(method: str, settings: dict[str, Any]) -> MethodConfig:

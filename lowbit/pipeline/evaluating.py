@@ -5,8 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from lowbit.data.corpora import load_text
-from lowbit.errors import LowbitError
+from lowbit.engine.placement import resolve_device
+from lowbit.errors import LowbitError, user_input
 from lowbit.eval.kld import kl_divergence
 from lowbit.eval.perplexity import perplexity
 from lowbit.eval.windows import eval_windows
@@ -22,8 +25,11 @@ def evaluate(
     max_tokens: int | None = None,
     kld_corpus: str | None = None,
     progress: bool = True,
+    device: str | torch.device | None = "auto",
 ) -> dict[str, Any]:
     """Perplexity on each corpus and, with ``kld``, KL(base || model) on the first corpus.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``): both models run there (moved whole).
 
     Returns ``{"ppl": {corpus: value}, "kld": value | None, "top1_agreement": ..., ...}``.
     """
@@ -32,13 +38,17 @@ def evaluate(
             "a streamed model keeps its blocks on disk and cannot be run; save it "
             "(save_quantized) and evaluate the saved folder"
         )
+    with user_input("--device"):
+        device = resolve_device(device)
+    loaded.model.to(device)
     start = time.perf_counter()
     out: dict[str, Any] = {"ppl": {}, "eval_tokens": {}, "kld": None}
     add_bos = loaded.add_bos
     kld_corpus = (kld_corpus or (ppl[0] if ppl else "austen-pp")) if kld else None
     if kld:
         if base is None:
-            base = load_model(loaded.source)
+            base = load_model(loaded.source, loaded.dtype)  # the reference in the same dtype
+        base.model.to(device)
         windows = eval_windows(loaded.tokenizer, load_text(kld_corpus), seqlen, max_tokens, add_bos)
         result = kl_divergence(base.model, loaded.model, windows, progress=progress)
         out.update(kld=result.kld_mean, kld_corpus=kld_corpus, top1_agreement=result.top1_agreement)

@@ -13,7 +13,7 @@ from lowbit.engine.preflight import Estimate, RunShape, estimate
 from lowbit.engine.streaming import WeightIndex
 from lowbit.errors import LowbitError
 from lowbit.export import lowbit_format
-from lowbit.loading import model_path
+from lowbit.loading import checkpoint_dtype, dtype_named, model_path
 from lowbit.models.discovery import names_table
 from lowbit.pipeline.configs import CalibSpec
 from lowbit.pipeline.quantizing import refuse_streaming
@@ -25,7 +25,7 @@ def preflight(
     calib: CalibSpec,
     out: str | Path,
     stream: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = None,
 ) -> Estimate | None:
     """Pre-flight estimate of the peak memory and the disk of quantizing ``spec`` into ``out``
     (from its files' headers: nothing is loaded; see :mod:`lowbit.engine.preflight`).
@@ -46,6 +46,7 @@ def preflight(
             raise
         return None
     hf_config = AutoConfig.from_pretrained(path)
+    dtype = dtype_named(dtype) or checkpoint_dtype(path)  # as load_model will load it
     run = RunShape(
         calib.nsamples, calib.seqlen, calib.batch_size, registered.group_blocks(config),
         config.estimated_bits(), stream,

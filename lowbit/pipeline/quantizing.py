@@ -28,7 +28,7 @@ from lowbit.errors import LowbitError, user_input
 from lowbit.export import lowbit_format
 from lowbit.loading import LoadedModel
 from lowbit.models.arch import get_blocks
-from lowbit.pipeline.configs import CalibSpec, as_config
+from lowbit.pipeline.configs import CalibSpec, as_config, as_device
 
 
 @dataclass
@@ -50,6 +50,7 @@ def quantize(
     progress: bool = True,
     workdir: str | Path | None = None,
     resume: bool = False,
+    device: str | torch.device | None = "auto",
 ) -> QuantizeResult:
     """Quantize ``loaded.model`` in place with the method registered for ``type(config)``
     (``config``: a method config, or a recipe entry ``{"method": name, ...}``): block by block,
@@ -60,10 +61,16 @@ def quantize(
 
     A streamed model (``load_model(..., stream=True)``) is quantized block by block from disk;
     its quantized blocks stay in ``workdir`` (required) until :func:`save_quantized`.
+
+    ``device`` (``auto``: CUDA when available, ``cpu``, ``cuda``, ``cuda:N``): where each block
+    is calibrated and solved; the model stays in CPU memory (or on disk) and each block moves
+    to the device and back (:mod:`lowbit.engine.sequential`). A whole-model method trains the
+    whole model on the device and brings it back.
     """
     if loaded.manifest is not None:
         raise LowbitError(f"{loaded.spec} is already quantized; quantize the original model")
     config = as_config(config)
+    device = as_device(device)
     registered = method_for(config)
     _check_streamable(loaded, registered, workdir)
     _check_shapes(loaded, config)
@@ -79,7 +86,7 @@ def quantize(
     extra: dict[str, Any] = {}
     earlier = 0.0  # seconds spent by an interrupted run this one resumes
     if registered.apply_model is not None:
-        ctx = _model_context(loaded, calib, calib_ids, workdir, resume, progress)
+        ctx = _model_context(loaded, calib, calib_ids, workdir, resume, progress, device)
         reports, extra = registered.apply_model(config, ctx)
     else:
         ids = calib_ids()
@@ -91,7 +98,7 @@ def quantize(
             )
         reports = quantize_sequential(
             loaded.model, loaded.table, ids, registered, config, calib.batch_size, progress, store,
-            loaded.stream, calib.all_experts,
+            loaded.stream, calib.all_experts, device,
         )
         earlier = store.earlier_seconds if store is not None else 0.0
     seconds = earlier + time.perf_counter() - start
@@ -185,14 +192,14 @@ def _block_checkpoints(
     return BlockCheckpoints(CheckpointStore(workdir, resume), run)
 
 
-def _model_context(loaded, calib, calib_ids, workdir, resume, progress) -> ModelContext:
+def _model_context(loaded, calib, calib_ids, workdir, resume, progress, device) -> ModelContext:
     """The services a whole-model method gets: PTQ on the calibration data, token windows of
     any corpus, a checkpoint folder."""
 
     def ptq(config: MethodConfig) -> list[LayerReport]:
         return quantize_sequential(
             loaded.model, loaded.table, calib_ids(), method_for(config), config,
-            calib.batch_size, progress, all_experts=calib.all_experts,
+            calib.batch_size, progress, all_experts=calib.all_experts, device=device,
         )
 
     def windows(corpus: str, n: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
@@ -201,7 +208,9 @@ def _model_context(loaded, calib, calib_ids, workdir, resume, progress) -> Model
         return ids, text_sha256(text)
 
     store = None if workdir is None else CheckpointStore(workdir, resume)
-    return ModelContext(loaded.model, loaded.table, loaded.add_bos, ptq, windows, store, progress)
+    return ModelContext(
+        loaded.model, loaded.table, loaded.add_bos, ptq, windows, store, progress, device
+    )
 
 
 def _check_shapes(loaded: LoadedModel, config: MethodConfig) -> None:

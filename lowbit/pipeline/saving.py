@@ -27,6 +27,7 @@ def save_quantized(loaded: LoadedModel, result: QuantizeResult, out_dir: str | P
         "method": result.method,
         "recipe": [result.config.to_dict()],
         "source_model": loaded.spec,
+        "dtype": str(loaded.dtype).removeprefix("torch."),  # the forward dtype; loads back in it
         "avg_bits": result.avg_bits,
         "avg_bits_scope": "quantized linears (embeddings and LM head kept in full precision)",
         "calibration": {**dataclasses.asdict(result.calib), "sha256": result.calib_sha256},
