@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,12 @@ class Solution:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def weight_error(weight: torch.Tensor, quantized: torch.Tensor) -> float:
+    """||W - Q||_F / ||W||_F for W, Q ``[R, C]``."""
+    w = weight.detach().float()
+    return float((w - quantized).norm() / w.norm().clamp(min=1e-30))
+
+
 def relative_errors(
     weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor
 ) -> tuple[float, float]:
@@ -33,7 +40,7 @@ def relative_errors(
     w = weight.detach().float()
     e = w - quantized
     h = hessian.float()
-    weight_err = float(e.norm() / w.norm().clamp(min=1e-30))
+    weight_err = weight_error(w, quantized)
     out_err = float(((e @ h) * e).sum() / ((w @ h) * w).sum().clamp(min=1e-30))
     return weight_err, out_err
 
@@ -52,11 +59,14 @@ def quantize_linearwise(
     config: IntWeightConfig,
     solve: Callable[[Any, torch.Tensor, torch.Tensor], Solution],
     true_sequential: bool,
+    calibrated: bool = True,
 ) -> list[LayerReport]:
     """Quantize the block's linears group by group (or all from one pass) with ``solve``.
 
     With ``true_sequential`` each group's Hessians are collected after the groups before it are
-    quantized, so every linear is fitted to the inputs it will see at inference.
+    quantized, so every linear is fitted to the inputs it will see at inference. Without
+    ``calibrated`` no Hessian is collected: ``solve`` gets ``None`` for it and the reports'
+    ``hessian_rel_err`` is NaN (the output error needs activations).
     """
     names = [n for n in ctx.table.linear_names if not config.ignores(ctx.full_name(n))]
     groups = ctx.table.sequential if true_sequential else (tuple(names),)
@@ -65,15 +75,18 @@ def quantize_linearwise(
         group = [n for n in group if n in names]
         if not group:
             continue
-        hessians = ctx.collect_hessians(group)
+        hessians = ctx.collect_hessians(group) if calibrated else dict.fromkeys(group)
         solutions = ctx.solve_layers(group, partial(timed_solve, ctx, config, solve, hessians))
         for name in group:
             linear = ctx.module(name)
             solution, seconds = solutions[name]
             quant = QuantLinear(solution.stored, linear.bias)
-            w_err, h_err = relative_errors(
-                linear.weight, quant.dequantized_weight(), hessians[name]
-            )
+            if calibrated:
+                w_err, h_err = relative_errors(
+                    linear.weight, quant.dequantized_weight(), hessians[name]
+                )
+            else:
+                w_err, h_err = weight_error(linear.weight, quant.dequantized_weight()), math.nan
             ctx.replace(name, quant)
             reports.append(
                 LayerReport(
