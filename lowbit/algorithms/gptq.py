@@ -11,8 +11,6 @@ static groups computed up front on the original weights.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -23,6 +21,7 @@ from lowbit.algorithms.weight_config import IntWeightConfig
 from lowbit.core.config import option
 from lowbit.core.method import register
 from lowbit.core.report import LayerReport
+from lowbit.core.threads import threads_for, torch_threads
 from lowbit.errors import LowbitError
 from lowbit.formats.blockscale import BlockQuantized, BlockScaledConfig, BlockScales, compute_scales
 from lowbit.formats.element import get_format
@@ -277,9 +276,6 @@ class BlockColumns:
         return BlockQuantized(self.elem.encode(elements), scales)
 
 
-SMALL_FACTORISATION = 4096  # columns up to which H's factorisation runs on one thread (< 1 s)
-
-
 def gptq_columns(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -297,7 +293,8 @@ def gptq_columns(
     concatenation read the same values), and the column loop runs on one thread (its
     operations are a few hundred rows wide: worker threads only add synchronisation, which
     costs tens of times the work on a loaded machine); the per-block update keeps the
-    caller's threads, and so does the factorisation above :data:`SMALL_FACTORISATION` columns.
+    caller's threads, and so does the factorisation of a large H
+    (:func:`~lowbit.core.threads.threads_for`).
     """
     w, h = prepare_hessian(weight, hessian)
     rows, cols = w.shape
@@ -308,7 +305,7 @@ def gptq_columns(
     perm = torch.argsort(torch.diag(h), descending=True) if solver.act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-    with _threads(1 if cols <= SMALL_FACTORISATION else torch.get_num_threads()):
+    with torch_threads(threads_for(h.numel())):
         upper, used = inverse_hessian_cholesky(h, solver.percdamp)
     order = perm.tolist() if perm is not None else list(range(cols))
     diag = upper.diagonal().tolist()
@@ -317,7 +314,7 @@ def gptq_columns(
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         err1 = err[:, : i2 - i1]
-        with _threads(1):
+        with torch_threads(1):
             for col in range(i1, i2):
                 if static_groups:
                     quantizer.use_group(order[col] // group)
@@ -335,19 +332,6 @@ def gptq_columns(
     if static_groups and perm is not None:
         codes, perm = codes[:, torch.argsort(perm)], None
     return codes, perm, used
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` while the context lasts."""
-    before = torch.get_num_threads()
-    if before != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if before != n:
-            torch.set_num_threads(before)
 
 
 def gptq_quantize(

@@ -14,6 +14,7 @@ import torch
 
 from lowbit.algorithms.weight_config import IntWeightConfig
 from lowbit.core.report import LayerReport
+from lowbit.core.threads import threads_for, torch_threads
 from lowbit.errors import LowbitError
 from lowbit.formats.codecs import StoredWeight
 from lowbit.nn.quant_linear import QuantLinear
@@ -80,13 +81,13 @@ def quantize_linearwise(
         for name in group:
             linear = ctx.module(name)
             solution, seconds = solutions[name]
-            quant = QuantLinear(solution.stored, linear.bias)
-            if calibrated:
-                w_err, h_err = relative_errors(
-                    linear.weight, quant.dequantized_weight(), hessians[name]
-                )
-            else:
-                w_err, h_err = weight_error(linear.weight, quant.dequantized_weight()), math.nan
+            with torch_threads(threads_for(linear.weight.numel())):
+                quant = QuantLinear(solution.stored, linear.bias)
+                deq = quant.dequantized_weight()  # cached: the block's forwards reuse it
+                if calibrated:
+                    w_err, h_err = relative_errors(linear.weight, deq, hessians[name])
+                else:
+                    w_err, h_err = weight_error(linear.weight, deq), math.nan
             ctx.replace(name, quant)
             reports.append(
                 LayerReport(
@@ -103,8 +104,10 @@ def quantize_linearwise(
 
 def timed_solve(ctx, config, solve, hessians: dict[str, torch.Tensor],
                  name: str) -> tuple[Solution, float]:
-    """``solve`` on linear ``name`` of the block, and the seconds it took."""
+    """``solve`` on linear ``name`` of the block, and the seconds it took (a small layer's
+    solve runs on one thread: :mod:`lowbit.core.threads`)."""
     start = time.perf_counter()
-    with naming_layer(ctx.full_name(name)):
-        solution = solve(config, ctx.module(name).weight, hessians[name])
+    weight = ctx.module(name).weight
+    with naming_layer(ctx.full_name(name)), torch_threads(threads_for(weight.numel())):
+        solution = solve(config, weight, hessians[name])
     return solution, time.perf_counter() - start
