@@ -111,12 +111,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads of both tools")
     p.add_argument("--eval-corpus", default="austen-pp")
     p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--eval-tokens", type=int, default=32768, help="evaluation token cap")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="evaluation token cap")
     p.add_argument("--venv", default=os.environ.get("LLMCOMPRESSOR_VENV",
                                                     "/work/venvs/llmcompressor"))
     p.add_argument("--work", default="results/speed/vs_llmcompressor_work",
                    help="outputs of both tools (not committed)")
     p.add_argument("--json", default="results/speed/vs_llmcompressor.json")
+    p.add_argument("--reuse", action="store_true",
+                   help="take the runs an interrupted benchmark finished from WORK/*-record.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work).resolve()
@@ -134,12 +136,22 @@ def main() -> None:
     rows = []
     for method in args.methods:
         for tool in ("lowbit", "llmcompressor"):
+            record = work / f"{tool}-{method}-record.json"
+            if args.reuse and record.is_file():  # a finished run of an interrupted benchmark
+                row = json.loads(record.read_text())
+                if "kld" not in row:
+                    row.update(score(row["out"], base, args))
+                    record.write_text(json.dumps(row, indent=2))
+                rows.append(row)
+                continue
             print(f"{method} / {tool} ... ({uptime()})", flush=True)
             if tool == "lowbit":
                 run = lowbit_run(method, args, work, env)
             else:
                 run = llmcompressor_run(method, args, work, env, ids_file, base_dir)
+            run["uptime"] = uptime()
             rows.append({"method": method, "tool": tool, **run, **score(run["out"], base, args)})
+            record.write_text(json.dumps(rows[-1], indent=2))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     load["end"] = uptime()
     ratios = {}
