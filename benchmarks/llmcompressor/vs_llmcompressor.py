@@ -117,6 +117,8 @@ def main() -> None:
     p.add_argument("--work", default="results/speed/vs_llmcompressor_work",
                    help="outputs of both tools (not committed)")
     p.add_argument("--json", default="results/speed/vs_llmcompressor.json")
+    p.add_argument("--tools", nargs="+", default=["lowbit", "llmcompressor"],
+                   choices=["lowbit", "llmcompressor"], help="which tools, in this order")
     p.add_argument("--reuse", action="store_true",
                    help="take the runs an interrupted benchmark finished from WORK/*-record.json")
     args = p.parse_args()
@@ -135,7 +137,7 @@ def main() -> None:
     load = {"start": uptime()}
     rows = []
     for method in args.methods:
-        for tool in ("lowbit", "llmcompressor"):
+        for tool in args.tools:
             record = work / f"{tool}-{method}-record.json"
             if args.reuse and record.is_file():  # a finished run of an interrupted benchmark
                 row = json.loads(record.read_text())
@@ -155,7 +157,7 @@ def main() -> None:
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     load["end"] = uptime()
     ratios = {}
-    for method in args.methods:
+    for method in args.methods if set(args.tools) == {"lowbit", "llmcompressor"} else []:
         lb, lc = (next(r for r in rows if r["method"] == method and r["tool"] == t)
                   for t in ("lowbit", "llmcompressor"))
         ratios[method] = {
