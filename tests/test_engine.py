@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,9 +11,10 @@ from lowbit import api
 from lowbit.algorithms.gptq import GPTQConfig
 from lowbit.core.config import MethodConfig
 from lowbit.engine.capture import block_output, capture_block_inputs
-from lowbit.engine.hessian import HessianAccumulator
+from lowbit.engine.context import BlockContext
+from lowbit.engine.hessian import GramCache, HessianAccumulator
 from lowbit.errors import LowbitError
-from lowbit.formats.intq import IntGrid
+from lowbit.formats.intq import IntGrid, rtn_quantize
 from lowbit.formats.packed_int import PackedIntWeight
 from lowbit.models.arch import get_blocks
 from lowbit.nn.quant_linear import QuantLinear
@@ -46,6 +49,59 @@ def test_hessian_accumulator_matches_direct_sum():
     acc.add(x[1:])
     flat = x.reshape(-1, 8)
     torch.testing.assert_close(acc.hessian, 2 * flat.T @ flat / flat.shape[0])
+
+
+def test_gram_cache_shares_one_input_and_not_a_modified_one():
+    x, other = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    cache = GramCache()
+    gram, n = cache.gram(x)
+    flat = x.reshape(-1, 8)
+    assert n == 10 and torch.equal(gram, flat.T @ flat)
+    assert cache.gram(x)[0] is gram  # the same tensor again: shared, not recomputed
+    assert not torch.equal(cache.gram(other)[0], gram)
+    x.mul_(2)  # modified in place: its Gram matrix is computed anew
+    assert torch.equal(cache.gram(x)[0], 4 * gram)
+
+
+def test_qkv_hessians_equal_separate_accumulation(smollm2_2blocks):
+    """q/k/v share one X^T X per batch; each Hessian equals its own accumulation (same
+    values: the sharing only skips recomputing the same product)."""
+    loaded = api.load_model(str(smollm2_2blocks))
+    blocks = get_blocks(loaded.model, loaded.table)
+    ids = torch.randint(5, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    store = capture_block_inputs(loaded.model, blocks, ids, batch_size=2)
+    ctx = BlockContext(blocks[0], 0, "model.layers.0", loaded.table, store.hidden, store)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    shared = ctx.collect_hessians(names)
+    inputs = []
+    hook = ctx.module(names[0]).register_forward_pre_hook(lambda _m, a: inputs.append(a[0]))
+    ctx.run()
+    hook.remove()
+    acc = HessianAccumulator(inputs[0].shape[-1])
+    for x in inputs:
+        acc.add(x)
+    for name in names:
+        assert torch.equal(shared[name], acc.hessian)
+
+
+def test_rtn_runs_no_calibration_forward(tiny_model, monkeypatch):
+    import lowbit.engine.sequential as sequential
+
+    def no_capture(*_args, **_kwargs):
+        raise AssertionError("RTN captured calibration inputs")
+
+    monkeypatch.setattr(sequential, "capture_block_inputs", no_capture)
+    loaded = api.load_model(str(tiny_model))
+    linear = get_blocks(loaded.model, loaded.table)[0].get_submodule("mlp.down_proj")
+    weight = linear.weight.detach().clone()
+    config = api.build_config("rtn", {"bits": 4, "group_size": 32})
+    result = api.quantize(loaded, config, api.CalibSpec("austen-emma", 2, 16, 0),
+                          progress=False)
+    quant = get_blocks(loaded.model, loaded.table)[0].get_submodule("mlp.down_proj")
+    codes, scales, zeros = rtn_quantize(weight, config.grid)
+    expected = PackedIntWeight.from_codes(codes, scales, zeros, config.grid).dequantize()
+    assert torch.equal(quant.dequantized_weight(), expected)
+    assert all(math.isnan(r.hessian_rel_err) and r.weight_rel_err > 0 for r in result.layers)
 
 
 def test_quant_linear_matches_dequantized_matmul_and_caches():

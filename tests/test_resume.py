@@ -23,7 +23,9 @@ from lowbit.errors import LowbitError
 
 ARGS = ["--method", "gptq", "--bits", "4", "-g", "64", "--nsamples", "8", "--seqlen", "64"]
 CALIB = api.CalibSpec(nsamples=4, seqlen=32, batch_size=2)
-RTN = {"bits": 4, "group_size": 64}
+# output_error: RTN then collects Hessians, so its checkpoints carry the calibration inputs
+# and fingerprint the tokens (plain RTN runs no calibration forward)
+RTN = {"bits": 4, "group_size": 64, "output_error": True}
 TIMING = ("seconds", "manifest_sha256")  # the seal covers the timing fields too
 
 

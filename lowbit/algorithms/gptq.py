@@ -21,6 +21,7 @@ from lowbit.algorithms.weight_config import BlockFormatConfig, IntWeightConfig
 from lowbit.core.config import option
 from lowbit.core.method import register
 from lowbit.core.report import LayerReport
+from lowbit.core.threads import threads_for, torch_threads
 from lowbit.errors import LowbitError
 from lowbit.formats.blockscale import BlockQuantized, BlockScaledConfig, BlockScales, compute_scales
 from lowbit.formats.element import get_format
@@ -300,6 +301,14 @@ def gptq_columns(
     Returns the codes ``[R, C]`` (stored column order, the dtype ``round_column`` gives), the
     stored permutation (``None`` in input order: no act-order, or static groups) and the
     percdamp used; the quantizer holds the group statistics.
+
+    The reference loop, with its per-column work kept to the rounding and one rank-1 update:
+    each lazy block is updated in place in ``w`` (the reference's clone and its per-group
+    concatenation read the same values), and the column loop runs on one thread (its
+    operations are a few hundred rows wide: worker threads only add synchronisation, which
+    costs tens of times the work on a loaded machine); the per-block update keeps the
+    caller's threads, and so does the factorisation of a large H
+    (:func:`~lowbit.core.threads.threads_for`).
     """
     w, h = prepare_hessian(weight, hessian)
     rows, cols = w.shape
@@ -310,27 +319,29 @@ def gptq_columns(
     perm = torch.argsort(torch.diag(h), descending=True) if solver.act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-    upper, used = inverse_hessian_cholesky(h, solver.percdamp)
+    with torch_threads(threads_for(h.numel())):
+        upper, used = inverse_hessian_cholesky(h, solver.percdamp)
+    order = perm.tolist() if perm is not None else list(range(cols))
+    diag = upper.diagonal().tolist()
+    err = torch.empty(rows, min(block_size, cols))
     codes = None  # allocated with the dtype of the quantizer's codes
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = upper[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static_groups:
-                quantizer.use_group((int(perm[col]) if perm is not None else col) // group)
-            elif col % group == 0:
-                window = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
-                quantizer.fit_group(col // group, window)
-            code, q = quantizer.round_column(w1[:, i : i + 1])
-            if codes is None:
-                codes = torch.zeros(rows, cols, dtype=code.dtype, device=code.device)
-            codes[:, col] = code
-            e = (w1[:, i : i + 1] - q) / u1[i, i]
-            w1[:, i:] -= e @ u1[i : i + 1, i:]
-            err1[:, i : i + 1] = e
+        err1 = err[:, : i2 - i1]
+        with torch_threads(1):
+            for col in range(i1, i2):
+                if static_groups:
+                    quantizer.use_group(order[col] // group)
+                elif col % group == 0:
+                    quantizer.fit_group(col // group, w[:, col : col + group])
+                x = w[:, col : col + 1]
+                code, q = quantizer.round_column(x)
+                if codes is None:
+                    codes = torch.empty(rows, cols, dtype=code.dtype, device=code.device)
+                codes[:, col] = code
+                e = err1[:, col - i1 : col - i1 + 1]
+                torch.sub(x, q, out=e).div_(diag[col])
+                w[:, col + 1 : i2].sub_(e * upper[col : col + 1, col + 1 : i2])
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]
     if static_groups and perm is not None:
         codes, perm = codes[:, torch.argsort(perm)], None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ import torch
 
 from lowbit.algorithms.weight_config import IntWeightConfig
 from lowbit.core.report import LayerReport
+from lowbit.core.threads import threads_for, torch_threads
 from lowbit.errors import LowbitError
 from lowbit.formats.codecs import StoredWeight
 from lowbit.nn.quant_linear import QuantLinear
@@ -26,6 +28,12 @@ class Solution:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def weight_error(weight: torch.Tensor, quantized: torch.Tensor) -> float:
+    """||W - Q||_F / ||W||_F for W, Q ``[R, C]``."""
+    w = weight.detach().float()
+    return float((w - quantized).norm() / w.norm().clamp(min=1e-30))
+
+
 def relative_errors(
     weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor
 ) -> tuple[float, float]:
@@ -33,7 +41,7 @@ def relative_errors(
     w = weight.detach().float()
     e = w - quantized
     h = hessian.float()
-    weight_err = float(e.norm() / w.norm().clamp(min=1e-30))
+    weight_err = weight_error(w, quantized)
     out_err = float(((e @ h) * e).sum() / ((w @ h) * w).sum().clamp(min=1e-30))
     return weight_err, out_err
 
@@ -52,11 +60,14 @@ def quantize_linearwise(
     config: IntWeightConfig,
     solve: Callable[[Any, torch.Tensor, torch.Tensor], Solution],
     true_sequential: bool,
+    calibrated: bool = True,
 ) -> list[LayerReport]:
     """Quantize the block's linears group by group (or all from one pass) with ``solve``.
 
     With ``true_sequential`` each group's Hessians are collected after the groups before it are
-    quantized, so every linear is fitted to the inputs it will see at inference.
+    quantized, so every linear is fitted to the inputs it will see at inference. Without
+    ``calibrated`` no Hessian is collected: ``solve`` gets ``None`` for it and the reports'
+    ``hessian_rel_err`` is NaN (the output error needs activations).
     """
     names = [n for n in ctx.table.linear_names if not config.ignores(ctx.full_name(n))]
     groups = ctx.table.sequential if true_sequential else (tuple(names),)
@@ -65,15 +76,18 @@ def quantize_linearwise(
         group = [n for n in group if n in names]
         if not group:
             continue
-        hessians = ctx.collect_hessians(group)
+        hessians = ctx.collect_hessians(group) if calibrated else dict.fromkeys(group)
         solutions = ctx.solve_layers(group, partial(timed_solve, ctx, config, solve, hessians))
         for name in group:
             linear = ctx.module(name)
             solution, seconds = solutions[name]
-            quant = QuantLinear(solution.stored, linear.bias)
-            w_err, h_err = relative_errors(
-                linear.weight, quant.dequantized_weight(), hessians[name]
-            )
+            with torch_threads(threads_for(linear.weight.numel())):
+                quant = QuantLinear(solution.stored, linear.bias)
+                deq = quant.dequantized_weight()  # cached: the block's forwards reuse it
+                if calibrated:
+                    w_err, h_err = relative_errors(linear.weight, deq, hessians[name])
+                else:
+                    w_err, h_err = weight_error(linear.weight, deq), math.nan
             ctx.replace(name, quant)
             reports.append(
                 LayerReport(
@@ -90,8 +104,10 @@ def quantize_linearwise(
 
 def timed_solve(ctx, config, solve, hessians: dict[str, torch.Tensor],
                  name: str) -> tuple[Solution, float]:
-    """``solve`` on linear ``name`` of the block, and the seconds it took."""
+    """``solve`` on linear ``name`` of the block, and the seconds it took (a small layer's
+    solve runs on one thread: :mod:`lowbit.core.threads`)."""
     start = time.perf_counter()
-    with naming_layer(ctx.full_name(name)):
-        solution = solve(config, ctx.module(name).weight, hessians[name])
+    weight = ctx.module(name).weight
+    with naming_layer(ctx.full_name(name)), torch_threads(threads_for(weight.numel())):
+        solution = solve(config, weight, hessians[name])
     return solution, time.perf_counter() - start

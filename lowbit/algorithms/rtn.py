@@ -20,15 +20,25 @@ from lowbit.formats.packed_int import PackedIntWeight
 
 @dataclass(frozen=True)
 class RTNConfig(BlockFormatConfig):
-    """Round-to-nearest weights; see :class:`BlockFormatConfig` for the fields."""
+    """Round-to-nearest weights; see :class:`BlockFormatConfig` for the fields, plus
+    ``imatrix`` (gguf formats) and ``output_error`` (a report only)."""
 
     method = "rtn"
     imatrix: bool = option(False, "gguf weight formats: weight each column's rounding by its "
                                   "calibration inputs' mean square (the Hessian diagonal), as "
                                   "llama.cpp's quantizers use an importance matrix")
+    output_error: bool = option(False, "collect calibration Hessians to report each layer's "
+                                       "output error tr(E H E^T) / tr(W H W^T) (costs a "
+                                       "calibration forward per block; the weights are the "
+                                       "same)")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the run needs calibration Hessians: for the imatrix or the output error."""
+        return self.output_error or (self.imatrix and self.gguf_type is not None)
 
 
-def rtn_solve(config: RTNConfig, weight: torch.Tensor, hessian: torch.Tensor) -> Solution:
+def rtn_solve(config: RTNConfig, weight: torch.Tensor, hessian: torch.Tensor | None) -> Solution:
     if config.gguf_type is not None:
         ggml_type = config.gguf_type_for(weight.shape[1])
         importance = torch.diag(hessian).float() if config.imatrix else None
@@ -40,7 +50,11 @@ def rtn_solve(config: RTNConfig, weight: torch.Tensor, hessian: torch.Tensor) ->
 
 
 @register(
-    RTNConfig, "round to nearest on a min-max grid (baseline)", distributed=True
+    RTNConfig, "round to nearest on a min-max grid (baseline)", distributed=True,
+    calibrated=lambda config: config.calibrated,
 )
 def apply_block(config: RTNConfig, ctx) -> list[LayerReport]:
-    return quantize_linearwise(ctx, config, rtn_solve, true_sequential=False)
+    """RTN's weights need no activations: no Hessian and no calibration forward unless the
+    output error or an imatrix (gguf formats) is asked for."""
+    return quantize_linearwise(ctx, config, rtn_solve, true_sequential=False,
+                               calibrated=config.calibrated)

@@ -36,6 +36,9 @@ class Method:
 
     ``distributed``: the method may run under torchrun (its block loop uses BlockContext's
     collect_hessians / solve_layers / max_over_ranks for everything calibration-dependent).
+    ``calibrated``: whether ``apply_block`` reads calibration activations, for a given config
+    (:meth:`needs_calibration`); a run that does not (RTN) gets blocks with no calibration
+    inputs, and no calibration forward is run for it.
     """
 
     config_cls: type[MethodConfig]
@@ -44,6 +47,11 @@ class Method:
     apply_model: ModelFn | None = None
     finish_group: BlockFn | None = None
     distributed: bool = False
+    calibrated: bool | Callable[[MethodConfig], bool] = True
+
+    def needs_calibration(self, config: MethodConfig) -> bool:
+        """Whether ``apply_block`` reads calibration activations under ``config``."""
+        return self.calibrated(config) if callable(self.calibrated) else self.calibrated
 
     @property
     def name(self) -> str:
@@ -73,16 +81,20 @@ def register(
     summary: str,
     finish_group: BlockFn | None = None,
     distributed: bool = False,
+    calibrated: bool | Callable[[MethodConfig], bool] = True,
 ) -> Callable[[BlockFn], BlockFn]:
     """Decorator registering a block-wise method's ``apply_block`` for ``config_cls``.
 
     ``finish_group(config, group_ctx, reports)`` (optional) runs after every group of
     ``config.blocks_per_group()`` blocks is quantized (see
     :class:`~lowbit.engine.context.GroupContext`) and returns the group's reports, updated.
+    ``calibrated``: ``False``, or a function of the config that says ``False``, when
+    ``apply_block`` reads no calibration activations (see :class:`Method`).
     """
 
     def wrap(apply_block: BlockFn) -> BlockFn:
-        _add(Method(config_cls, summary, apply_block, None, finish_group, distributed))
+        _add(Method(config_cls, summary, apply_block, None, finish_group, distributed,
+                    calibrated))
         return apply_block
 
     return wrap

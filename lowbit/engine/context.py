@@ -14,7 +14,7 @@ from torch import nn
 from lowbit.core.block_output import StopBlock, block_output
 from lowbit.engine.capture import BlockInputs
 from lowbit.engine.distributed import max_over_ranks, solve_shared, sum_hessian
-from lowbit.engine.hessian import HessianAccumulator
+from lowbit.engine.hessian import GramCache, HessianAccumulator
 from lowbit.engine.placement import CPU, home
 from lowbit.models.arch import BlockTable, set_submodule
 from lowbit.models.experts import ExpertLinears
@@ -81,14 +81,16 @@ class BlockContext:
         every process, under torchrun).
 
         Each batch's forward stops as soon as every named linear has seen its input, so the
-        q/k/v Hessians cost little more than the input norm. An expert no calibration token
+        q/k/v Hessians cost little more than the input norm; linears fed the same input share
+        one ``X^T X`` per batch. An expert no calibration token
         reached gets the identity (GPTQ then rounds it as RTN does), with a warning.
         """
         accs = {n: HessianAccumulator(self.module(n).in_features, self.device) for n in names}
         seen: set[str] = set()
+        grams = GramCache()  # X^T X once per distinct input (q/k/v share theirs)
 
         def observe(name: str, x: torch.Tensor) -> None:
-            accs[name].add(x)
+            accs[name].add_gram(*grams.gram(x))
             seen.add(name)
             if len(seen) == len(accs):
                 raise StopBlock
@@ -103,6 +105,7 @@ class BlockContext:
             try:
                 for x in self.hidden:
                     seen.clear()
+                    grams.clear()
                     try:
                         x = self.on_device(x)
                         block_output(self.block, x, self.inputs.call_for(self.index, x))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.core.threads import torch_threads
 from lowbit.errors import LowbitError
 
 _CHUNK = 1 << 20
@@ -30,8 +31,9 @@ def nonfinite_error(name: str, tensor: torch.Tensor) -> LowbitError | None:
     if not tensor.is_floating_point():
         return None
     chunks = tensor.detach().reshape(-1).split(_CHUNK)
-    if all(bool(torch.isfinite(c).all()) for c in chunks):
-        return None
+    with torch_threads(1):  # many small checks (lowbit.core.threads)
+        if all(bool(torch.isfinite(c).all()) for c in chunks):
+            return None
     nans = int(torch.isnan(tensor).sum())
     infs = int(torch.isinf(tensor).sum())
     return LowbitError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -14,10 +16,36 @@ class HessianAccumulator:
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``[..., C]``."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        n = x.shape[0]
+        self.add_gram(x.T @ x, x.shape[0])
+
+    def add_gram(self, gram: torch.Tensor, n: int) -> None:
+        """Add a batch of ``n`` tokens given by its Gram matrix ``X^T X`` ``[C, C]`` fp32."""
         total = self.tokens + n
-        self.hessian *= self.tokens / total
-        x = x * (2.0 / total) ** 0.5
-        self.hessian.addmm_(x.T, x)
+        self.hessian.mul_(self.tokens / total).add_(gram, alpha=2.0 / total)
         self.tokens = total
+
+
+class GramCache:
+    """``X^T X`` ``[C, C]`` fp32 of each distinct input of one batch, computed once: linears
+    fed the same tensor (q/k/v, gate/up) share it. A tensor counts as the same while it is the
+    same object (held weakly: the cache keeps no activation alive) and unmodified (its version
+    counter unchanged); :meth:`clear` between batches.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[weakref.ref, int, torch.Tensor, int]] = {}
+
+    def gram(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The Gram matrix of ``x`` ``[..., C]`` and its token count."""
+        hit = self._seen.get(id(x))
+        if hit is not None and hit[0]() is x and hit[1] == x._version:
+            return hit[2], hit[3]
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        gram = flat.T @ flat
+        self._seen[id(x)] = (weakref.ref(x), x._version, gram, flat.shape[0])
+        return gram, flat.shape[0]
+
+    def clear(self) -> None:
+        self._seen.clear()

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from lowbit.core.config import MethodConfig
 from lowbit.core.method import Method
 from lowbit.core.report import LayerReport
-from lowbit.engine.capture import capture_block_inputs
+from lowbit.engine.capture import BlockInputs, capture_block_inputs
 from lowbit.engine.context import BlockContext, GroupContext, drop_dense_caches, run_blocks
 from lowbit.engine.placement import CPU, activation_home, home, module_bytes, to_device
 from lowbit.engine.preflight import activation_copies
@@ -57,7 +57,9 @@ def quantize_sequential(
     block is saved to them. With ``stream`` (which needs ``checkpoints``: they hold the
     quantized blocks), blocks are loaded from disk one group at a time and released after.
     ``device`` (default: the CPU) is where each group computes (see the module doc).
-    Returns the per-linear reports in block order.
+    Returns the per-linear reports in block order. A method that needs no calibration
+    (:meth:`~lowbit.core.method.Method.needs_calibration`) runs with no calibration forward at
+    all (``calib_ids`` unused).
     """
     assert stream is None or checkpoints is not None, "a streamed run needs checkpoints"
     model.eval()
@@ -68,7 +70,10 @@ def quantize_sequential(
     reports: list[LayerReport] = [] if restored is None else restored.reports
     if first == len(blocks):
         return reports
-    inputs = capture_block_inputs(model, blocks, calib_ids, batch_size)
+    if method.needs_calibration(config):
+        inputs = capture_block_inputs(model, blocks, calib_ids, batch_size)
+    else:  # no calibration forward: the blocks get no inputs (and pass none on)
+        inputs = BlockInputs(calls=[{} for _ in blocks])
     hidden, inputs.hidden = inputs.hidden, []  # the loop holds the only reference
     if restored is not None:
         hidden = restored.hidden
@@ -181,7 +186,7 @@ def _quantize_block(
         local = report.name.removeprefix(f"{ctx.prefix}.")
         if local in ctx.calib_tokens:
             report.extra.setdefault("calib_tokens", ctx.calib_tokens[local])
-    hidden = ctx.run()
+    hidden = ctx.run() if ctx.hidden else []
     drop_dense_caches(ctx.block)
     log.debug("block %d done in %.1fs", ctx.index, time.perf_counter() - start)
     return reports, hidden

@@ -89,8 +89,10 @@ def quantize(
         ctx = _model_context(loaded, calib, calib_ids, workdir, resume, progress, device)
         reports, extra = registered.apply_model(config, ctx)
     else:
-        ids = calib_ids()
-        if distributed.rank_and_world()[1] > 1:
+        world = distributed.rank_and_world()[1]
+        calibrated = registered.needs_calibration(config) or world > 1  # RTN: no tokens
+        ids = calib_ids() if calibrated else torch.empty(0, calib.seqlen, dtype=torch.long)
+        if world > 1:
             ids, store = _distributed_share(registered, ids, resume), None
         else:
             store = _block_checkpoints(
