@@ -12,6 +12,9 @@
 - :mod:`~lowbit.formats.packing`: dense bit packing; :mod:`~lowbit.formats.bits`: bit accounting.
 - :mod:`~lowbit.formats.packed_int`, :mod:`~lowbit.formats.packed_block`: stored weights,
   loadable by kind through :mod:`~lowbit.formats.codecs`.
+- :mod:`~lowbit.formats.gguf_blocks`: llama.cpp block types (q8_0 ... q6_k) as stored weights
+  holding the exact ggml bytes (:mod:`~lowbit.formats.gguf_layout` packs them,
+  :mod:`~lowbit.formats.gguf_quant` rounds onto them like llama.cpp's quantizers).
 """
 
 from lowbit.formats.bilevel import BilevelStats, bilevel_quantize
@@ -28,6 +31,7 @@ from lowbit.formats.blockscale import (
 )
 from lowbit.formats.element import ElementFormat, format_names, get_format
 from lowbit.formats.fp import E8M0Format, FloatFormat
+from lowbit.formats.gguf_blocks import GGUFBlockWeight
 from lowbit.formats.granularity import (
     Granularity,
     Group,
@@ -53,6 +57,7 @@ __all__ = [
     "E8M0Format",
     "ElementFormat",
     "FloatFormat",
+    "GGUFBlockWeight",
     "Granularity",
     "Group",
     "IntFormat",
