@@ -17,13 +17,16 @@ from typing import Protocol
 import torch
 
 from lowbit.algorithms.linearwise import Solution, quantize_linearwise
-from lowbit.algorithms.weight_config import IntWeightConfig
+from lowbit.algorithms.weight_config import BlockFormatConfig, IntWeightConfig
 from lowbit.core.config import option
 from lowbit.core.method import register
 from lowbit.core.report import LayerReport
 from lowbit.errors import LowbitError
 from lowbit.formats.blockscale import BlockQuantized, BlockScaledConfig, BlockScales, compute_scales
 from lowbit.formats.element import get_format
+from lowbit.formats.gguf_blocks import GGUFBlockWeight, fit_rows
+from lowbit.formats.gguf_layout import decode_codes, ggml_type, sub_params
+from lowbit.formats.gguf_quant import round_to_grid
 from lowbit.formats.granularity import PerChannel, PerTensor, group_width
 from lowbit.formats.intq import IntGrid, dequantize, minmax_params, pad_to_groups, quantize
 from lowbit.formats.packed_int import PackedIntWeight
@@ -82,7 +85,7 @@ class GPTQSettings(IntWeightConfig):
 
 
 @dataclass(frozen=True)
-class GPTQConfig(GPTQSettings):
+class GPTQConfig(GPTQSettings, BlockFormatConfig):
     """GPTQ settings (defaults of the reference code, act-order on): the shared solver
     settings of :class:`GPTQSettings` plus static groups."""
 
@@ -363,6 +366,58 @@ def gptq_quantize_blocks(
     return quantizer.result(codes), used
 
 
+class GGUFColumns:
+    """:class:`ColumnQuantizer` onto a llama.cpp block type (static groups only).
+
+    :meth:`fit_static` fits every block's parameters up front from the original weights with
+    llama.cpp's quantizer weighted by ``importance`` ``[C]`` (GPTQ passes diag(H), the
+    calibration inputs' mean squares: an imatrix), so the fp16 ``d``/``dmin`` and the quantized
+    sub-block scales are already the stored ones; each column is then rounded to the nearest
+    point of that fixed grid, and the value fed back is exactly llama.cpp's decode of it.
+    """
+
+    def __init__(self, ggml_type_name: str, importance: torch.Tensor) -> None:
+        self.type = ggml_type(ggml_type_name)
+        self.importance = importance
+        self.fields = None
+        self.scale = self.offset = None
+
+    def group_width(self, cols: int) -> int:
+        return self.type.sub
+
+    def fit_static(self, w: torch.Tensor) -> None:
+        self.fields = fit_rows(w, self.type.name, self.importance)
+        self.scales, self.offsets = sub_params(self.type, self.fields)
+
+    def fit_group(self, g: int, window: torch.Tensor) -> None:
+        raise LowbitError("gguf weight formats fit their blocks up front: use static groups")
+
+    def use_group(self, g: int) -> None:
+        self.scale = self.scales[:, g : g + 1]
+        self.offset = None if self.offsets is None else self.offsets[:, g : g + 1]
+
+    def round_column(self, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = round_to_grid(col, self.scale, self.offset, self.type)
+        return q[:, 0], decode_codes(q, self.scale, self.offset, self.type.zero)
+
+    def result(self, codes: torch.Tensor) -> GGUFBlockWeight:
+        """The stored weight of codes ``[R, C]`` uint8 (input order) on the fitted blocks."""
+        self.fields.q = codes
+        return GGUFBlockWeight.from_fields(self.fields, self.type.name)
+
+
+def gptq_quantize_gguf(
+    weight: torch.Tensor, hessian: torch.Tensor, ggml_type_name: str, solver: GPTQSolver
+) -> tuple[GGUFBlockWeight, float]:
+    """GPTQ onto llama.cpp type ``ggml_type_name`` for W ``[R, C]``, H ``[C, C]``: blocks fitted
+    up front (static groups, whatever ``solver`` says; act-order still orders the columns and
+    no permutation is stored). Returns the stored weight and the percdamp used."""
+    w, h = prepare_hessian(weight, hessian)
+    quantizer = GGUFColumns(ggml_type_name, torch.diag(h))
+    codes, _, used = gptq_columns(w, h, quantizer, replace(solver, static_groups=True))
+    return quantizer.result(codes), used
+
+
 def _static_params(w: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale and zero ``[R, n_groups]`` from the original weights."""
     grouped, _ = pad_to_groups(w, grid.group_width(w.shape[1]))
@@ -371,6 +426,10 @@ def _static_params(w: torch.Tensor, grid: IntGrid) -> tuple[torch.Tensor, torch.
 
 
 def gptq_solve(config: GPTQSettings, weight: torch.Tensor, hessian: torch.Tensor) -> Solution:
+    if isinstance(config, BlockFormatConfig) and config.gguf_type is not None:
+        ggml_type_name = config.gguf_type_for(weight.shape[1])
+        stored, used = gptq_quantize_gguf(weight, hessian, ggml_type_name, config.solver)
+        return Solution(stored, {"percdamp": used, "ggml_type": ggml_type_name})
     grid = config.grid
     res = gptq_quantize(weight, hessian, grid, config.solver)
     stored = PackedIntWeight.from_codes(res.codes, res.scales, res.zeros, grid, res.perm)

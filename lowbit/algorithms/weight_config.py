@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from lowbit.core.config import MethodConfig, option
 from lowbit.errors import LowbitError
+from lowbit.formats.gguf_blocks import GGUF_TYPES, fallback_type
+from lowbit.formats.gguf_layout import TYPES
 from lowbit.formats.granularity import Group, parse_group_size
 from lowbit.formats.intq import IntGrid
 from lowbit.formats.spec import WeightSpec, int_format
@@ -79,3 +81,56 @@ def check_rank(
             f"{flag} {rank} is above min(rows, columns) = {most} of {name} ({rows} x {cols}); "
             f"a rank above it does not exist for that layer: choose {flag} between 1 and {most}"
         )
+
+
+GGUF_PREFIX = "gguf-"
+WEIGHT_FORMATS = ("int", *(GGUF_PREFIX + name for name in GGUF_TYPES))
+
+
+@dataclass(frozen=True)
+class BlockFormatConfig(IntWeightConfig):
+    """:class:`IntWeightConfig` plus ``weight_format``: ``"int"`` (the ``bits``/``group_size``
+    grid) or a llama.cpp block type ``"gguf-<type>"``, which implies its own bits and blocks
+    (``bits``, ``group_size`` and ``symmetric`` are then unused). A K type on a linear whose
+    input width is not a multiple of 256 falls back as llama-quantize does
+    (:func:`~lowbit.formats.gguf_blocks.fallback_type`)."""
+
+    weight_format: str = option("int", "weight format: 'int' (the --bits/--group-size grid) or "
+                                       "a llama.cpp block type, which sets bits and blocks "
+                                       "itself (K types on widths not divisible by 256 fall "
+                                       "back like llama-quantize: q4_k->q5_0, q5_k->q5_1, "
+                                       "q6_k->q8_0)", choices=WEIGHT_FORMATS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise LowbitError(f"unknown weight format '{self.weight_format}' "
+                              f"(--weight-format); choose one of {', '.join(WEIGHT_FORMATS)}")
+
+    @property
+    def gguf_type(self) -> str | None:
+        """The llama.cpp type asked for (``"q4_k"``), or ``None`` for the int grid."""
+        if self.weight_format == "int":
+            return None
+        return self.weight_format.removeprefix(GGUF_PREFIX)
+
+    def gguf_type_for(self, in_features: int) -> str:
+        """The type a linear of input width ``in_features`` gets (after the fallback)."""
+        return fallback_type(self.gguf_type, in_features)
+
+    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """The int grid's checks, or: every quantized linear's input width divisible by 32."""
+        if self.gguf_type is None:
+            super().check_shapes(shapes)
+            return
+        for name, (_rows, cols) in shapes.items():
+            if not self.ignores(name) and self.gguf_type_for(cols) == "f16":
+                raise LowbitError(
+                    f"{self.weight_format} needs input widths divisible by 32, {name} has "
+                    f"{cols}; leave it out with --ignore or use --weight-format int"
+                )
+
+    def estimated_bits(self) -> float:
+        if self.gguf_type is None:
+            return super().estimated_bits()
+        return TYPES[self.gguf_type].bits_per_weight()

@@ -101,15 +101,25 @@ def quantize_rows(
     """Round ``w`` fp32 ``[R, C]`` to nearest on ``ggml_type`` (llama.cpp's reference
     quantizers; with ``importance`` ``[C]`` >= 0, its imatrix-weighted ones), ``chunk_rows`` rows
     at a time."""
-    t = TYPES.get(ggml_type)
-    if t is None:
-        raise ValueError(f"unknown ggml type '{ggml_type}'; known: {', '.join(GGUF_TYPES)}")
-    rows, cols = w.shape
-    if cols % t.block:
-        raise ValueError(f"{t.name} needs a row width divisible by {t.block}, got {cols}")
-    raws = [encode(t, quantize_fields(w[i : i + chunk_rows], t, importance))
-            for i in range(0, rows, chunk_rows)]
-    return GGUFBlockWeight(rows, cols, t.name, torch.cat(raws, dim=0))
+    return GGUFBlockWeight.from_fields(fit_rows(w, ggml_type, importance, chunk_rows), ggml_type)
+
+
+def fit_rows(
+    w: torch.Tensor, ggml_type: str, importance: torch.Tensor | None = None,
+    chunk_rows: int = 256,
+) -> BlockFields:
+    """:func:`quantize_rows`'s fields (codes and block parameters) before packing."""
+    t = get_type(ggml_type)
+    if w.shape[1] % t.block:
+        raise ValueError(f"{t.name} needs a row width divisible by {t.block}, got {w.shape[1]}")
+    parts = [quantize_fields(w[i : i + chunk_rows], t, importance)
+             for i in range(0, w.shape[0], chunk_rows)]
+    return BlockFields(*(_cat([getattr(p, name) for p in parts])
+                         for name in ("q", "d", "m", "sc", "mn")))
+
+
+def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if parts[0] is None else torch.cat(parts)
 
 
 def dequantize_rows(raw: torch.Tensor, ggml_type: str, in_features: int) -> torch.Tensor:

@@ -78,7 +78,9 @@ def element_weights(x: torch.Tensor, importance: torch.Tensor, sigma_scale: floa
     """llama.cpp's imatrix element weights ``importance * sqrt(sigma2 + x^2)`` for rows ``x``
     ``[R, C]``, ``sigma2 = sigma_scale * mean(x^2)`` per row."""
     sigma2 = sigma_scale * (x * x).mean(dim=1, keepdim=True)
-    return importance.float()[None, :] * torch.sqrt(sigma2 + x * x)
+    importance = importance.float()
+    floor = 1e-10 * importance.mean().clamp(min=1e-30)  # a zero column still counts a little
+    return importance.clamp(min=floor)[None, :] * torch.sqrt(sigma2 + x * x)
 
 
 def legacy_weighted(w: torch.Tensor, t: GGMLType, importance: torch.Tensor) -> BlockFields:

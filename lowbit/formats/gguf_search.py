@@ -31,7 +31,7 @@ def symmetric_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tenso
     steps = torch.tensor([0.0] + [0.1 * k for k in range(-9, 10) if k != 0])
     safe = torch.where(mx.abs() < GROUP_MAX_EPS, torch.ones_like(mx), mx)
     iscale = -(nmax + steps) / safe  # [N, K]
-    levels = torch.round(iscale[:, :, None] * x[:, None, :]).clamp(-nmax, nmax - 1)
+    levels = (iscale[:, :, None] * x[:, None, :]).round_().clamp_(-nmax, nmax - 1)
     wx = (w * x)[:, None, :]
     sumlx = (wx * levels).sum(-1)
     suml2 = (w[:, None, :] * levels * levels).sum(-1)
@@ -55,11 +55,11 @@ def affine_search(
     span = torch.where(span > 0, span, torch.ones_like(span))
     steps = torch.tensor([float(nmax)] + [rmin + rdelta * k + nmax for k in range(nstep + 1)])
     iscale = steps / span  # [N, K]; candidate 0 is the min-max start
-    levels = torch.round(iscale[:, :, None] * (x - lo)[:, None, :]).clamp(0, nmax)
-    wk = w[:, None, :]
+    levels = (iscale[:, :, None] * (x - lo)[:, None, :]).round_().clamp_(0, nmax)
+    wl = w[:, None, :] * levels
+    sum_l, sum_l2, sum_xl = wl.sum(-1), (wl * levels).sum(-1), (wl * x[:, None, :]).sum(-1)
     sum_w, sum_x = w.sum(1, keepdim=True), (w * x).sum(1, keepdim=True)
-    sum_l, sum_l2 = (wk * levels).sum(-1), (wk * levels * levels).sum(-1)
-    sum_xl = (wk * levels * x[:, None, :]).sum(-1)
+    sum_x2 = (w * x * x).sum(1, keepdim=True)
     det = sum_w * sum_l2 - sum_l * sum_l
     safe_det = torch.where(det > 0, det, torch.ones_like(det))
     scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
@@ -68,14 +68,21 @@ def affine_search(
     scale = torch.where(clamp_low, sum_xl / sum_l2.clamp(min=1e-30), scale)
     low = torch.where(clamp_low, torch.zeros_like(low), low)
     scale[:, 0], low[:, 0] = 1 / iscale[:, 0], lo[:, 0]
-    diff = scale[:, :, None] * levels + low[:, :, None] - x[:, None, :]
-    err = (wk * diff * diff).sum(-1)
+    err = _weighted_sse(scale, low, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl)
     err[:, 1:] = torch.where(det[:, 1:] > 0, err[:, 1:], torch.full_like(err[:, 1:], torch.inf))
     best = err.argmin(dim=1, keepdim=True)
     scale, low = scale.gather(1, best)[:, 0], low.gather(1, best)[:, 0]
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     low = torch.where(flat, lo[:, 0], low)
     return scale, -low
+
+
+def _weighted_sse(scale, low, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl) -> torch.Tensor:
+    """sum w (scale * l + low - x)^2 from the weighted sums, in fp64 (no ``[N, K, n]``
+    temporary): ``[N, K]``."""
+    s, m = scale.double(), low.double()
+    return (s * s * sum_l2.double() + 2 * s * m * sum_l.double() - 2 * s * sum_xl.double()
+            + m * m * sum_w.double() - 2 * m * sum_x.double() + sum_x2.double())
 
 
 def positive_levels(
