@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 VENV = Path(os.environ.get("LLAMACPP_VENV", "/work/venvs/llamacpp"))
 LOWBIT = [sys.executable, "-m", "lowbit.cli.main"]
 # llama-quantize type names of the GGUF formats lowbit rounds onto (lowbit name: gguf-<lower>)
+PROMPT = 128  # context before the timed decode, both engines
 FORMATS = ("Q4_K", "Q4_0", "Q4_1", "Q5_K", "Q6_K", "Q8_0")
 
 
@@ -142,9 +143,7 @@ def base_gguf(work: Path, model: str, source: str) -> tuple[Path, str]:
     if out.is_file():
         return out, (work / "base-source.txt").read_text().strip()
     if source == "lowbit":
-        run([*LOWBIT, "export", model, "--format", "gguf", "--gguf-float-type", "f32",
-             "--out", str(out)], work / "logs" / "base-export.log")
-        how = "lowbit export --format gguf --gguf-float-type f32"
+        how = export(model, out, work / "logs" / "base-export.log", ["--gguf-float-type", "f32"])
     else:
         from lowbit.models.bundled import BUNDLED
 
@@ -166,9 +165,25 @@ def lowbit_gguf(work: Path, model: str, method: str, fmt: str, calib: Path,
              "--seqlen", str(seqlen), "--out", str(qdir), "--json", str(work / f"{name}.json"),
              *extra], work / "logs" / f"{name}-quantize.log")
     if not out.is_file():
-        run([*LOWBIT, "export", str(qdir), "--format", "gguf", "--out", str(out)],
-            work / "logs" / f"{name}-export.log")
+        export(str(qdir), out, work / "logs" / f"{name}-export.log", [])
     return qdir, out
+
+
+def export(src: str, out: Path, log: Path, flags: list[str]) -> str:
+    """`lowbit export SRC --format gguf --out OUT FLAGS`; where this checkout's command line
+    has no gguf export yet, the same library call (lowbit.export.gguf_export.export_gguf)."""
+    cmd = [*LOWBIT, "export", src, "--format", "gguf", "--out", str(out), *flags]
+    helptext = subprocess.run([*LOWBIT, "export", "--help"], capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    if "gguf" in helptext:
+        run(cmd, log)
+        return " ".join(["lowbit", *cmd[3:]])
+    from lowbit.export.gguf_export import export_gguf
+
+    float_type = flags[flags.index("--gguf-float-type") + 1] if flags else "f16"
+    print(f"$ export_gguf({src!r}, {str(out)!r}, {float_type!r})  (no gguf in the CLI yet)")
+    export_gguf(src, out, float_type)
+    return f"lowbit.export.gguf_export.export_gguf({src}, float_type={float_type})"
 
 
 def imatrix(work: Path, base: Path, calib: Path, nsamples: int, seqlen: int,
@@ -268,11 +283,12 @@ def agreement(work: Path, pairs: list[tuple[str, str, Path]], seqlen: int, max_t
 
 def speed(work: Path, ggufs: dict[str, Path], dirs: dict[str, Path], threads: int,
           tokens: int) -> dict:
-    """llama-bench tg of every GGUF, then `lowbit bench decode` of each DIR, one run."""
+    """llama-bench: ``tokens`` decoded after a ``PROMPT``-token context (``-d``) for every GGUF,
+    then `lowbit bench decode` of each DIR (same context and token count), one run."""
     before = uptime()
     out = run([tool("llama-bench"), "-m", ",".join(str(p) for p in ggufs.values()), "-t",
-               str(threads), "-p", "0", "-n", str(tokens), "-r", "3", "-o", "json"],
-              work / "logs" / "llama-bench.log")
+               str(threads), "-p", "0", "-n", str(tokens), "-d", str(PROMPT), "-r", "3",
+               "-o", "json"], work / "logs" / "llama-bench.log")
     bench = json.loads(out[out.index("["): out.rindex("]") + 1])
     by_path = {b["model_filename"]: b for b in bench}
     llama = {k: {"tokens_per_s": by_path[str(p)]["avg_ts"], "stddev": by_path[str(p)]["stddev_ts"]}
@@ -281,10 +297,28 @@ def speed(work: Path, ggufs: dict[str, Path], dirs: dict[str, Path], threads: in
     for label, qdir in dirs.items():
         js = work / f"bench-decode-{label}.json"
         run([*LOWBIT, "bench", "decode", str(qdir), "--threads", str(threads), "--tokens",
-             str(tokens), "--json", str(js)], work / "logs" / f"bench-decode-{label}.log")
+             str(tokens), "--prompt-len", str(PROMPT), "--json", str(js)],
+            work / "logs" / f"bench-decode-{label}.log")
         ours[label] = json.loads(js.read_text())
-    return {"uptime_before": before, "uptime_after": uptime(), "llama_bench": llama,
-            "lowbit_bench_decode": ours, "threads": threads, "tokens": tokens}
+    result = {"uptime_before": before, "uptime_after": uptime(), "llama_bench": llama,
+              "lowbit_bench_decode": ours, "threads": threads, "tokens": tokens,
+              "prompt": PROMPT}
+    result["ratios"] = speed_ratios(result)
+    return result
+
+
+def speed_ratios(s: dict) -> dict[str, float]:
+    """llama.cpp decode tokens/s over lowbit's: each DIR's GGUF over the DIR run by lowbit
+    (bf16 activations), and the F32 base GGUF over lowbit's base in fp32 and bf16."""
+    out = {}
+    for label, rep in s["lowbit_bench_decode"].items():
+        by = {(v["label"], v["dtype"]): v["decode_tokens_per_s"] for v in rep["variants"]}
+        q = next(v for k, v in by.items() if k[0] == "quantized")
+        out[f"{label}: llama.cpp / lowbit"] = s["llama_bench"][label]["tokens_per_s"] / q
+        for dtype in ("fp32", "bf16"):
+            out[f"base-f32 gguf / lowbit base {dtype}"] = (
+                s["llama_bench"]["base-f32"]["tokens_per_s"] / by[("base", dtype)])
+    return out
 
 
 # ---------------------------------------------------------------- main
@@ -359,7 +393,9 @@ def main() -> None:
     if args.bench_tokens:
         speed_ggufs = {k: v for k, v in ggufs.items() if k == "base-f32" or k in dirs
                        or k.startswith("llamacpp-rtn-")}
-        result["speed"] = speed(work, speed_ggufs, dirs, args.threads, args.bench_tokens)
+        first = {k: v for k, v in dirs.items() if k.startswith(f"lowbit-{methods[0]}-")
+                 } if methods else {}
+        result["speed"] = speed(work, speed_ggufs, first, args.threads, args.bench_tokens)
     print_tables(result)
     write_json(args.json, result)
 
@@ -392,11 +428,15 @@ def print_tables(r: dict) -> None:
         s = r["speed"]
         print(f"\ndecode, {s['threads']} threads ({s['uptime_before']})")
         for k, v in s["llama_bench"].items():
-            print(f"  llama-bench tg{s['tokens']} {k:<24} {v['tokens_per_s']:8.1f} tok/s")
+            print(f"  llama-bench tg{s['tokens']} @ d{s['prompt']} {k:<24} "
+                  f"{v['tokens_per_s']:8.1f} tok/s")
         for k, v in s["lowbit_bench_decode"].items():
-            for var in v.get("variants", []):
+            for var in v["variants"]:
                 print(f"  lowbit bench decode {k} {var['label']} {var['dtype']}: "
                       f"{var['decode_tokens_per_s']:.1f} tok/s")
+        for k, v in s["ratios"].items():
+            print(f"  {k}: {v:.2f}x")
+        print(f"  (after: {s['uptime_after']})")
 
 
 def write_json(path: Path, result: dict) -> None:
