@@ -121,16 +121,28 @@ def _spm_scores(tj: dict, tokens: list[str], types: list[int]) -> list[float]:
     return scores
 
 
+def _pre_text(tj: dict) -> str:
+    """The normalizer and pre-tokenizer as JSON text (non-ASCII kept)."""
+    return json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")], ensure_ascii=False)
+
+
 def _is_spm(tj: dict) -> bool:
-    norm = json.dumps(tj.get("normalizer")) + json.dumps(tj.get("pre_tokenizer"))
+    norm = _pre_text(tj)
     return bool(tj["model"].get("byte_fallback")) and "\u2581" in norm
 
 
 def _add_space_prefix(tj: dict) -> bool:
     """Whether the normalizer prepends ``▁`` (or a Metaspace pre-tokenizer does)."""
-    text = json.dumps(tj.get("normalizer")) + json.dumps(tj.get("pre_tokenizer"))
+    text = _pre_text(tj)
     return '"Prepend"' in text or ('"Metaspace"' in text and '"prepend_scheme": "never"' not in
                                    text)
+
+
+def _adds_eos(tokenizer: Any) -> bool:
+    """Whether the tokenizer appends EOS when encoding with special tokens."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return eos is not None and len(ids) > 1 and int(ids[-1]) == int(eos)
 
 
 def write_tokenizer(w: gguf.GGUFWriter, folder: Path, tokenizer: Any, n_vocab: int) -> str:
@@ -166,5 +178,6 @@ def write_tokenizer(w: gguf.GGUFWriter, folder: Path, tokenizer: Any, n_vocab: i
         model = "gpt2"
     special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=n_vocab)
     special.add_special_token["bos"] = tokenizer_adds_bos(tokenizer)
+    special.add_special_token["eos"] = _adds_eos(tokenizer)
     special.add_to_gguf(w, quiet=True)
     return model

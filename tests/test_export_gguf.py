@@ -1,0 +1,233 @@
+"""GGUF export, read back by gguf's own reader and by transformers' GGUF loader (which undoes
+llama.cpp's rope row order and Gemma's ``1 + w`` norms with its own code, not lowbit's):
+the weights are exactly lowbit's (float payloads: the same fp32 values; Q8_0/Q4_0/Q4_1 and
+GGUF block payloads: gguf-py's dequantization equals lowbit's dequantized weight), the logits
+agree, the tokenizer encodes real text to the same ids, and refusals are one-line errors."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from export_util import build_dir, int_weight, logits, rel_err
+
+from lowbit.data.corpora import load_text
+from lowbit.errors import LowbitError
+from lowbit.export.gguf_export import export_gguf
+from lowbit.export.gguf_meta import rope_row_order
+from lowbit.export.gguf_payload import int_payload
+from lowbit.export.lowbit_format import load_quantized, quantized_layers
+from lowbit.formats.gguf_blocks import quantize_rows
+from lowbit.formats.intq import IntGrid
+from lowbit.formats.packed_int import PackedIntWeight
+from lowbit.models.bundled import BUNDLED
+from lowbit.nn.act_quant import ActQuantizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+Q = gguf.GGMLQuantizationType
+
+
+def read_back(path: Path):
+    """(model, tokenizer) transformers builds from GGUF file ``path``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def kv(reader: gguf.GGUFReader, key: str):
+    return reader.fields[key].contents()
+
+
+def types(reader: gguf.GGUFReader) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+@pytest.fixture(scope="module")
+def llama256(smollm2_2blocks, tmp_path_factory):
+    """A random 2-block Llama of hidden 256 (K-type widths) with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("llama256")
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_2blocks).save_pretrained(path)
+    return path
+
+
+def test_rope_row_order_is_llama_cpp_interleave():
+    # one head of 8 rows: transformers pairs (0,4) (1,5) (2,6) (3,7); llama.cpp pairs rows
+    # (0,1) (2,3) ...: GGUF rows are transformers rows 0 4 1 5 2 6 3 7
+    assert rope_row_order(8, 1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert rope_row_order(8, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_unquantized_llama_f32_reads_back_exactly(smollm2_2blocks, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = export_gguf(str(smollm2_2blocks), tmp_path / "m.gguf", float_type="f32")
+    reader = gguf.GGUFReader(out)
+    assert kv(reader, "general.architecture") == "llama"
+    for key, want in [("llama.block_count", 2), ("llama.embedding_length", 576),
+                      ("llama.feed_forward_length", 1536), ("llama.attention.head_count", 9),
+                      ("llama.attention.head_count_kv", 3), ("llama.rope.dimension_count", 64),
+                      ("llama.context_length", 8192), ("llama.vocab_size", 49152)]:
+        assert kv(reader, key) == want, key
+    assert kv(reader, "llama.rope.freq_base") == 100000.0
+    assert set(types(reader).values()) == {"F32"} and "output.weight" not in types(reader)
+    # the tokenizer KV equals the original GGUF's (the bundled model was converted from it),
+    # except the pre-tokenizer: transformers' GGUF conversion dropped SmolLM's digit split,
+    # so the folder's tokenizer is plain GPT-2 byte-level, and "gpt2" is what matches it
+    source = gguf.GGUFReader(BUNDLED["smollm2-135m"].locate_gguf())
+    for key in ("tokens", "token_type", "merges", "bos_token_id", "eos_token_id",
+                "padding_token_id", "unknown_token_id", "add_bos_token", "model"):
+        assert kv(reader, f"tokenizer.ggml.{key}") == kv(source, f"tokenizer.ggml.{key}"), key
+    assert kv(reader, "tokenizer.chat_template") == kv(source, "tokenizer.chat_template")
+    assert kv(reader, "tokenizer.ggml.pre") == "gpt2"
+
+    model, tokenizer = read_back(out)
+    ref = AutoModelForCausalLM.from_pretrained(smollm2_2blocks, dtype=torch.float32).eval()
+    assert rel_err(logits(ref), logits(model)) <= 1e-5
+    text = load_text("austen-pp")[:20000]
+    assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(smollm2_2blocks)(
+        text)["input_ids"]
+
+
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "ggml"), [(8, True, "Q8_0"), (4, True, "Q4_0")]
+)
+def test_int_group32_converts_losslessly(tiny_model, tmp_path, bits, symmetric, ggml):
+    src = build_dir(tiny_model, tmp_path / "q", int_weight(bits, 32, symmetric))
+    out = export_gguf(str(src), tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(out)
+    kinds = types(reader)
+    assert kinds["blk.0.attn_q.weight"] == ggml and kinds["blk.1.ffn_down.weight"] == ggml
+    assert kinds["token_embd.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
+    lowbit_model = load_quantized(src)[0]
+    layers = quantized_layers(lowbit_model)
+    by_name = {t.name: t for t in reader.tensors}
+    q_rows = rope_row_order(64, 4)
+    for name, gguf_name in [("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight"),
+                            ("model.layers.1.mlp.down_proj", "blk.1.ffn_down.weight")]:
+        t = by_name[gguf_name]
+        decoded = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        want = layers[name].dequantized_weight()
+        want = want[q_rows] if "attn_q" in gguf_name else want
+        assert torch.equal(decoded, want), name
+    # bits per weight of the block linears: 8.5 (Q8_0) or 4.5 (Q4_0) by ggml's layout
+    t = by_name["blk.1.ffn_down.weight"]
+    assert t.n_bytes * 8 / t.n_elements == {"Q8_0": 8.5, "Q4_0": 4.5}[ggml]
+    model, _ = read_back(out)
+    embed = lowbit_model.model.embed_tokens.weight  # tied: the output too
+    embed.data = embed.data.half().float()  # the F16 token embedding
+    assert rel_err(logits(lowbit_model), logits(model)) <= 1e-5
+
+
+def test_asymmetric_int4_is_q4_1_when_offsets_are_fp16():
+    torch.manual_seed(0)
+    rows, cols = 8, 64
+    grid = IntGrid(4, 32, symmetric=False)
+    codes = torch.randint(0, 16, (rows, cols), dtype=torch.uint8)
+    scales = 2.0 ** torch.randint(-8, -2, (rows, 2)).float()  # scale * zero exact in fp16
+    zeros = torch.randint(0, 16, (rows, 2)).float()
+    w = PackedIntWeight.from_codes(codes, scales, zeros, grid)
+    ggml_type, raw = int_payload("x", w)
+    assert ggml_type == Q.Q4_1
+    assert torch.equal(torch.from_numpy(gguf.quants.dequantize(raw, Q.Q4_1)), w.dequantize())
+    odd = PackedIntWeight.from_codes(codes, scales * 1.1, zeros, grid)
+    with pytest.raises(LowbitError, match="not fp16 values"):
+        int_payload("x", odd)
+
+
+def gguf_rows(w: torch.Tensor, ggml_type: str):
+    return quantize_rows(w, ggml_type)
+
+
+def test_gguf_block_weights_are_copied_byte_for_byte(llama256, tmp_path):
+    fmt = {"q_proj": "q4_k", "k_proj": "q5_k", "v_proj": "q6_k", "o_proj": "q4_0",
+           "gate_proj": "q5_0", "up_proj": "q4_1", "down_proj": "q8_0"}
+    src = build_dir(llama256, tmp_path / "q",
+                    {k: functools.partial(gguf_rows, ggml_type=t) for k, t in fmt.items()})
+    out = export_gguf(str(src), tmp_path / "m.gguf", float_type="f32")
+    reader = gguf.GGUFReader(out)
+    kinds = types(reader)
+    assert kinds["blk.0.attn_q.weight"] == "Q4_K" and kinds["blk.1.ffn_down.weight"] == "Q8_0"
+    assert kv(reader, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    lowbit_model = load_quantized(src)[0]
+    by_name = {t.name: t for t in reader.tensors}
+    raw_v = quantized_layers(lowbit_model)["model.layers.0.self_attn.v_proj"].stored_weight().raw
+    assert np.array_equal(by_name["blk.0.attn_v.weight"].data, raw_v.numpy())
+    raw_q = quantized_layers(lowbit_model)["model.layers.0.self_attn.q_proj"].stored_weight().raw
+    assert np.array_equal(by_name["blk.0.attn_q.weight"].data,
+                          raw_q[rope_row_order(256, 4)].numpy())  # rows moved, bytes kept
+    model, _ = read_back(out)
+    assert rel_err(logits(lowbit_model), logits(model)) <= 1e-5
+
+
+def test_refusals_name_the_fix(tiny_model, tmp_path):
+    g64 = build_dir(tiny_model, tmp_path / "g64", int_weight(4, 64, True))
+    with pytest.raises(LowbitError, match=r"not in blocks of 32.*--dequantize"):
+        export_gguf(str(g64), tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+    act = build_dir(tiny_model, tmp_path / "act", int_weight(8, 32, True),
+                    act=lambda name: ActQuantizer("int8", "token"))
+    with pytest.raises(LowbitError, match="activation quantization"):
+        export_gguf(str(act), tmp_path / "b.gguf", dequantize=True)
+    (tmp_path / "c.gguf").write_bytes(b"")
+    with pytest.raises(LowbitError, match="exists"):
+        export_gguf(str(tiny_model), tmp_path / "c.gguf")
+    with pytest.raises(LowbitError, match="float-type"):
+        export_gguf(str(tiny_model), tmp_path / "d.gguf", float_type="q4_0")
+
+
+def test_dequantize_writes_f32_with_lowbit_logits(tiny_model, tmp_path):
+    src = build_dir(tiny_model, tmp_path / "g64", int_weight(4, 64, False))
+    out = export_gguf(str(src), tmp_path / "m.gguf", float_type="f32", dequantize=True)
+    assert types(gguf.GGUFReader(out))["blk.0.ffn_up.weight"] == "F32"
+    model, _ = read_back(out)
+    assert rel_err(logits(load_quantized(src)[0]), logits(model)) <= 1e-5
+
+
+def test_unsupported_architecture_is_refused(tmp_path, smollm2_2blocks):
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=1, num_attention_heads=4)
+    GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    AutoTokenizer.from_pretrained(smollm2_2blocks).save_pretrained(tmp_path / "neox")
+    with pytest.raises(LowbitError, match="supported: llama, mistral, qwen2, qwen3, gemma3"):
+        export_gguf(str(tmp_path / "neox"), tmp_path / "m.gguf")
+
+
+@pytest.mark.slow
+def test_gemma3_f32_reads_back_exactly(gemma3_2blocks, tmp_path):
+    """Gemma-3: norms stored as 1 + w, sliding window, head size 256; its SentencePiece-style
+    vocab converted from tokenizer.json (scores from merge ranks)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = export_gguf(str(gemma3_2blocks), tmp_path / "g.gguf", float_type="f32")
+    reader = gguf.GGUFReader(out)
+    assert kv(reader, "general.architecture") == "gemma3"
+    assert kv(reader, "gemma3.attention.sliding_window") == 512
+    assert kv(reader, "gemma3.attention.key_length") == 256
+    assert kv(reader, "tokenizer.ggml.model") == "llama"
+    ref = AutoModelForCausalLM.from_pretrained(gemma3_2blocks, dtype=torch.float32).eval()
+    norm = {t.name: t for t in reader.tensors}["blk.0.attn_norm.weight"]
+    assert torch.equal(torch.from_numpy(norm.data.copy()),
+                       ref.model.layers[0].input_layernorm.weight.detach() + 1)
+    model, tokenizer = read_back(out)
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563, 496, 3175, 236761, 107]])
+    assert rel_err(logits(ref, ids), logits(model, ids)) <= 1e-5
+    text = load_text("austen-pp")[:20000]
+    assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(gemma3_2blocks)(
+        text)["input_ids"]
