@@ -21,6 +21,7 @@ BIN="$VENV/llama.cpp-bin"
 SRC="$VENV/src"
 TOOLS=(llama-quantize llama-imatrix llama-perplexity llama-bench)
 NICE=(nice -n 10)
+[ "$(nice)" -ge 10 ] && NICE=()  # already run under nice: do not stack it
 
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
 
