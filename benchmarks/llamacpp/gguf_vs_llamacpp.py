@@ -45,6 +45,25 @@ PROMPT = 128  # context before the timed decode, both engines
 FORMATS = ("Q4_K", "Q4_0", "Q4_1", "Q5_K", "Q6_K", "Q8_0")
 
 
+def have_tools() -> bool:
+    """The llama.cpp command-line tools are built; without them (setup.sh still compiling) the
+    llama-cpp-python path is used: llama_model_quantize and the forward's logits, no imatrix,
+    no llama-bench."""
+    return all((VENV / "llama.cpp-bin" / t).is_file() for t in
+               ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench"))
+
+
+OVERRIDE_PRE: list[str] = []  # ["--override-pre", NAME] when --override-pre is given
+
+
+def pyhelper(args: list[str], log: Path) -> dict:
+    """Run benchmarks/llamacpp/llamacpp_nll.py with the llama.cpp venv's python; its JSON."""
+    extra = OVERRIDE_PRE if args[0] == "score" else []
+    out = run([str(VENV / "bin" / "python"), str(Path(__file__).with_name("llamacpp_nll.py")),
+               *args, *extra], log)
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def tool(name: str) -> str:
     path = VENV / "llama.cpp-bin" / name
     if not path.is_file():
@@ -187,8 +206,10 @@ def export(src: str, out: Path, log: Path, flags: list[str]) -> str:
 
 
 def imatrix(work: Path, base: Path, calib: Path, nsamples: int, seqlen: int,
-            threads: int) -> Path:
+            threads: int) -> Path | None:
     out = work / "imatrix.gguf"
+    if not have_tools():
+        return None
     if not out.is_file():
         run([tool("llama-imatrix"), "-m", str(base), "-f", str(calib), "-c", str(seqlen),
              "--chunks", str(nsamples), "-t", str(threads), "-o", str(out)],
@@ -197,9 +218,15 @@ def imatrix(work: Path, base: Path, calib: Path, nsamples: int, seqlen: int,
 
 
 def llama_quant(work: Path, base: Path, fmt: str, embd: str, output: str | None,
-                imat: Path | None, threads: int) -> Path:
+                imat: Path | None, threads: int) -> Path | None:
     tag = "imatrix" if imat else "rtn"
     out = work / f"llamacpp-{tag}-{fmt.lower()}.gguf"
+    if not out.is_file() and not have_tools():
+        if imat:
+            return None
+        flags = ["--output-type", output] if output else []
+        pyhelper(["quantize", str(base), str(out), fmt, "--embd-type", embd, *flags, "--threads",
+                  str(threads)], work / "logs" / f"llamacpp-{tag}-{fmt.lower()}.log")
     if not out.is_file():
         cmd = [tool("llama-quantize"), "--pure", "--token-embedding-type", embd]
         if output:
@@ -243,6 +270,23 @@ def base_logits(work: Path, base: Path, evalf: Path, ctx: int, chunks: int,
     return out, float(re.search(r"Final estimate: PPL = ([\d.]+)", text).group(1))
 
 
+def pp_windows(work: Path, model: str, seqlen: int, max_tokens: int) -> Path:
+    """austen-pp cut into lowbit's evaluation windows, saved for the llama-cpp-python path."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from lowbit.data.corpora import load_text
+    from lowbit.data.tokens import tokenizer_adds_bos
+    from lowbit.eval.windows import eval_windows
+    from lowbit.loading import model_path
+
+    tok = AutoTokenizer.from_pretrained(model_path(model))
+    win = eval_windows(tok, load_text("austen-pp"), seqlen, max_tokens, tokenizer_adds_bos(tok))
+    out = work / f"kld-windows-{seqlen}x{win.shape[0]}.npy"
+    np.save(out, win.numpy())
+    return out
+
+
 def agreement(work: Path, pairs: list[tuple[str, str, Path]], seqlen: int, max_tokens: int,
               threads: int) -> list[dict]:
     """lowbit's perplexity of each spec vs llama.cpp's of its GGUF, on the same windows."""
@@ -268,10 +312,8 @@ def agreement(work: Path, pairs: list[tuple[str, str, Path]], seqlen: int, max_t
         del loaded
         npy = work / "agree-windows.npy"
         np.save(npy, win.numpy())
-        out = run([str(VENV / "bin" / "python"), str(Path(__file__).with_name(
-            "llamacpp_nll.py")), str(gguf), str(npy), "--threads", str(threads)],
-            work / "logs" / f"agree-{label}.log")
-        theirs = json.loads(out.strip().splitlines()[-1])
+        theirs = pyhelper(["score", str(gguf), str(npy), "--threads", str(threads)],
+                          work / "logs" / f"agree-{label}.log")
         row = {"label": label, "lowbit_spec": spec, "gguf": gguf.name, "windows": ours.windows,
                "tokens": ours.tokens, "ppl_lowbit": ours.ppl, "ppl_llamacpp": theirs["ppl"],
                "nll_lowbit": ours.nll_mean, "nll_llamacpp": theirs["nll_sum"] / theirs["tokens"],
@@ -340,17 +382,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--agree-tokens", type=int, default=8192, help="0 skips the agreement check")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bench-tokens", type=int, default=128, help="0 skips the speed run")
+    p.add_argument("--override-pre", help="load GGUFs with tokenizer.ggml.pre set to this "
+                   "(llama-cpp-python path; e.g. smollm, the bundled source file's value)")
     p.add_argument("--json", type=Path, default=ROOT / "results" / "gguf" / "llamacpp.json")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.override_pre:
+        OVERRIDE_PRE.extend(["--override-pre", args.override_pre])
     work = args.work or ROOT / "runs" / "gguf-bench" / args.model
     work.mkdir(parents=True, exist_ok=True)
     formats = [f.strip().upper() for f in args.formats.split(",") if f.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     result: dict = {"model": args.model, "uptime_start": uptime(), "ctx": args.ctx,
+                    "override_pre": args.override_pre,
                     "chunks": args.chunks, "nsamples": args.nsamples, "seqlen": args.seqlen,
                     "threads": args.threads}
     result["texts"] = write_texts(work, args.model, args.nsamples, args.seqlen)
@@ -371,26 +418,35 @@ def main() -> None:
         embd = ref_types.get("token_embd.weight", {}).get("type") or args.embd_type or "F16"
         output = ref_types.get("output.weight", {}).get("type")
         for tag, im in (("rtn", None), ("imatrix", imat)):
-            ggufs[f"llamacpp-{tag}-{fmt}"] = llama_quant(work, base, fmt, embd, output, im,
-                                                         args.threads)
+            if tag == "rtn" or im:
+                ggufs[f"llamacpp-{tag}-{fmt}"] = llama_quant(work, base, fmt, embd, output, im,
+                                                             args.threads)
         result["formats"][fmt] = {"token_embd": embd, "output": output, "lowbit_reference":
                                   ref.name if ref else None, "type_mismatches": {
                                       k: type_mismatches(ref_types, tensor_types(p))
                                       for k, p in ggufs.items() if ref and k.endswith(fmt)}}
-    logits, result["base_ppl_llamacpp"] = base_logits(work, base, evalf, args.ctx, args.chunks,
-                                                      args.threads)
+    result["engine"] = "llama.cpp tools" if have_tools() else "llama-cpp-python"
+    if have_tools():
+        logits, result["base_ppl_llamacpp"] = base_logits(work, base, evalf, args.ctx,
+                                                          args.chunks, args.threads)
+    else:
+        npy = pp_windows(work, args.model, args.ctx, args.ctx * args.chunks)
     result["ggufs"] = {}
     for key, path in ggufs.items():
         row = bits_summary(tensor_types(path), path)
-        if key != "base-f32":
+        if key != "base-f32" and have_tools():
             row.update(score(work, path, logits, args.ctx, args.chunks, args.threads))
+        elif key != "base-f32":
+            row.update(pyhelper(["score", str(path), str(npy), "--base", str(base), "--threads",
+                                 str(args.threads)], work / "logs" / f"kld-py-{path.stem}.log"))
+            result["base_ppl_llamacpp"] = row["ppl_base"]
         result["ggufs"][key] = {"file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT)
                                 else str(path), **row}
     if args.agree_tokens:
         pairs = [("base-f32", args.model, base)] + [(k, str(dirs[k]), ggufs[k]) for k in dirs]
         result["agreement"] = agreement(work, pairs, args.seqlen, args.agree_tokens,
                                         args.threads)
-    if args.bench_tokens:
+    if args.bench_tokens and have_tools():
         speed_ggufs = {k: v for k, v in ggufs.items() if k == "base-f32" or k in dirs
                        or k.startswith("llamacpp-rtn-")}
         first = {k: v for k, v in dirs.items() if k.startswith(f"lowbit-{methods[0]}-")
