@@ -130,7 +130,7 @@ def tensor_types(path: Path) -> dict[str, dict]:
 def bits_summary(types: dict[str, dict], path: Path) -> dict:
     """Bits per weight: of the file, of all tensors, and of the block linears (blk.*, 2-D)."""
     total_el = sum(t["elements"] for t in types.values())
-    lin = {n: t for n, t in types.items() if n.startswith("blk.") and t["type"] not in ("F32",)
+    lin = {n: t for n, t in types.items() if n.startswith("blk.") and n.endswith(".weight")
            and not n.endswith("norm.weight")}
     lin_el = sum(t["elements"] for t in lin.values())
     counts: dict[str, int] = {}
@@ -457,7 +457,9 @@ def main() -> None:
 
 
 def print_tables(r: dict) -> None:
-    print(f"\n{r['model']}: llama-perplexity on austen-pp, ctx {r['ctx']}, {r['chunks']} chunks; "
+    how = ("llama-perplexity" if r["engine"] == "llama.cpp tools" else
+           "llama-cpp-python logits on lowbit's windows")
+    print(f"\n{r['model']}: {how}, austen-pp, ctx {r['ctx']}, {r['chunks']} chunks; "
           f"calibration {r['texts']['calib_tokens']} tokens of austen-emma; base: "
           f"{r['base_source']} (PPL {r['base_ppl_llamacpp']:.4f})")
     print(f"{'GGUF':<26}{'bpw file':>9}{'bpw lin':>9}{'mean KLD':>10}{'99% KLD':>9}"
