@@ -7,6 +7,9 @@ agree, the tokenizer encodes real text to the same ids, and refusals are one-lin
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import gguf
@@ -21,10 +24,11 @@ from lowbit.export.gguf_export import export_gguf
 from lowbit.export.gguf_meta import rope_row_order
 from lowbit.export.gguf_payload import int_payload
 from lowbit.export.lowbit_format import load_quantized, quantized_layers
-from lowbit.formats.gguf_blocks import quantize_rows
+from lowbit.formats.gguf_blocks import fallback_type, quantize_rows
 from lowbit.formats.intq import IntGrid
 from lowbit.formats.packed_int import PackedIntWeight
 from lowbit.models.bundled import BUNDLED
+from lowbit.models.tiny import save_tiny
 from lowbit.nn.act_quant import ActQuantizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,12 +36,18 @@ Q = gguf.GGMLQuantizationType
 
 
 def read_back(path: Path):
-    """(model, tokenizer) transformers builds from GGUF file ``path``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The model transformers builds from GGUF file ``path`` (fp32, eval)."""
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+
+
+def read_back_tokenizer(path: Path):
+    """The tokenizer transformers converts from GGUF file ``path``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def kv(reader: gguf.GGUFReader, key: str):
@@ -48,21 +58,35 @@ def types(reader: gguf.GGUFReader) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in reader.tensors}
 
 
+def tiny_with_smollm2_tokenizer(model_type: str, folder: Path, smollm2: Path, **overrides):
+    """A tiny random ``model_type`` (:func:`save_tiny`) with SmolLM2's tokenizer (the tiny
+    byte tokenizer has no merges, which a GGUF byte-level BPE needs)."""
+    from transformers import AutoTokenizer
+
+    save_tiny(model_type, folder, vocab_size=49152, bos_token_id=1, eos_token_id=2,
+              **overrides)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def llama256(smollm2_2blocks, tmp_path_factory):
-    """A random 2-block Llama of hidden 256 (K-type widths) with SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A random 2-block Llama of hidden 256 (K-type widths)."""
+    return tiny_with_smollm2_tokenizer("llama", tmp_path_factory.mktemp("llama256"),
+                                       smollm2_2blocks, hidden_size=256,
+                                       intermediate_size=512, tie_word_embeddings=True)
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("llama256")
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_2blocks).save_pretrained(path)
-    return path
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_tiny_architectures_read_back_exactly(smollm2_2blocks, tmp_path, model_type):
+    """Each supported architecture (Qwen2: q/k/v biases; Qwen3: q/k norms; Gemma-3: 1 + w
+    norms, head size 256) in f32: transformers' GGUF loader gives the same logits."""
+    src = tiny_with_smollm2_tokenizer(model_type, tmp_path / "src", smollm2_2blocks)
+    from transformers import AutoModelForCausalLM
+
+    out = export_gguf(str(src), tmp_path / "m.gguf", float_type="f32")
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    assert rel_err(logits(ref), logits(read_back(out))) <= 1e-5
 
 
 def test_rope_row_order_is_llama_cpp_interleave():
@@ -95,9 +119,11 @@ def test_unquantized_llama_f32_reads_back_exactly(smollm2_2blocks, tmp_path):
     assert kv(reader, "tokenizer.chat_template") == kv(source, "tokenizer.chat_template")
     assert kv(reader, "tokenizer.ggml.pre") == "gpt2"
 
-    model, tokenizer = read_back(out)
+    model, tokenizer = read_back(out), read_back_tokenizer(out)
     ref = AutoModelForCausalLM.from_pretrained(smollm2_2blocks, dtype=torch.float32).eval()
-    assert rel_err(logits(ref), logits(model)) <= 1e-5
+    err = rel_err(logits(ref), logits(model))
+    print(f"smollm2 f32 GGUF read back by transformers: max rel logit error {err:.1e}")
+    assert err <= 1e-5
     text = load_text("austen-pp")[:20000]
     assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(smollm2_2blocks)(
         text)["input_ids"]
@@ -127,7 +153,7 @@ def test_int_group32_converts_losslessly(tiny_model, tmp_path, bits, symmetric, 
     # bits per weight of the block linears: 8.5 (Q8_0) or 4.5 (Q4_0) by ggml's layout
     t = by_name["blk.1.ffn_down.weight"]
     assert t.n_bytes * 8 / t.n_elements == {"Q8_0": 8.5, "Q4_0": 4.5}[ggml]
-    model, _ = read_back(out)
+    model = read_back(out)
     embed = lowbit_model.model.embed_tokens.weight  # tied: the output too
     embed.data = embed.data.half().float()  # the F16 token embedding
     assert rel_err(logits(lowbit_model), logits(model)) <= 1e-5
@@ -150,7 +176,9 @@ def test_asymmetric_int4_is_q4_1_when_offsets_are_fp16():
 
 
 def gguf_rows(w: torch.Tensor, ggml_type: str):
-    return quantize_rows(w, ggml_type)
+    """``w`` rounded onto ``ggml_type``, or the type llama-quantize falls back to for its
+    width (K types need inputs in multiples of 256)."""
+    return quantize_rows(w, fallback_type(ggml_type, w.shape[1]))
 
 
 def test_gguf_block_weights_are_copied_byte_for_byte(llama256, tmp_path):
@@ -170,7 +198,7 @@ def test_gguf_block_weights_are_copied_byte_for_byte(llama256, tmp_path):
     raw_q = quantized_layers(lowbit_model)["model.layers.0.self_attn.q_proj"].stored_weight().raw
     assert np.array_equal(by_name["blk.0.attn_q.weight"].data,
                           raw_q[rope_row_order(256, 4)].numpy())  # rows moved, bytes kept
-    model, _ = read_back(out)
+    model = read_back(out)
     assert rel_err(logits(lowbit_model), logits(model)) <= 1e-5
 
 
@@ -194,7 +222,7 @@ def test_dequantize_writes_f32_with_lowbit_logits(tiny_model, tmp_path):
     src = build_dir(tiny_model, tmp_path / "g64", int_weight(4, 64, False))
     out = export_gguf(str(src), tmp_path / "m.gguf", float_type="f32", dequantize=True)
     assert types(gguf.GGUFReader(out))["blk.0.ffn_up.weight"] == "F32"
-    model, _ = read_back(out)
+    model = read_back(out)
     assert rel_err(logits(load_quantized(src)[0]), logits(model)) <= 1e-5
 
 
@@ -225,9 +253,73 @@ def test_gemma3_f32_reads_back_exactly(gemma3_2blocks, tmp_path):
     norm = {t.name: t for t in reader.tensors}["blk.0.attn_norm.weight"]
     assert torch.equal(torch.from_numpy(norm.data.copy()),
                        ref.model.layers[0].input_layernorm.weight.detach() + 1)
-    model, tokenizer = read_back(out)
+    model, tokenizer = read_back(out), read_back_tokenizer(out)
     ids = torch.tensor([[2, 818, 5279, 529, 7001, 563, 496, 3175, 236761, 107]])
-    assert rel_err(logits(ref, ids), logits(model, ids)) <= 1e-5
+    err = rel_err(logits(ref, ids), logits(model, ids))
+    print(f"gemma3 f32 GGUF read back by transformers: max rel logit error {err:.1e}")
+    assert err <= 1e-5
     text = load_text("austen-pp")[:20000]
     assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(gemma3_2blocks)(
         text)["input_ids"]
+
+
+LLAMACPP_PYTHON = Path(os.environ.get("LOWBIT_LLAMACPP_PYTHON",
+                                      "/work/venvs/llamacpp/bin/python"))
+LLAMACPP_SCRIPT = Path(__file__).parent.parent / "scripts" / "llamacpp_logits.py"
+
+
+def llamacpp_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    """fp32 ``[len(ids), vocab]`` logits of GGUF ``path`` by llama.cpp (skips the test when
+    ``$LOWBIT_LLAMACPP_PYTHON`` cannot import llama_cpp)."""
+    if subprocess.run([str(LLAMACPP_PYTHON), "-c", "import llama_cpp"],
+                      capture_output=True).returncode if LLAMACPP_PYTHON.exists() else 1:
+        pytest.skip(f"{LLAMACPP_PYTHON} has no llama_cpp (the llama.cpp benchmark builds it)")
+    (path.parent / "ids.json").write_text(json.dumps(ids))
+    subprocess.run([str(LLAMACPP_PYTHON), str(LLAMACPP_SCRIPT), str(path),
+                    str(path.parent / "ids.json"), str(path.parent / "logits.npy")], check=True)
+    return torch.from_numpy(np.load(path.parent / "logits.npy"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["f32", "q8_0", "q4_0", "q4_k"])
+def test_llamacpp_logits_match_lowbit(smollm2_2blocks, tmp_path, kind):
+    """llama.cpp runs the exported SmolLM2 (2 blocks) on 64 tokens of real text with lowbit's
+    logits. Its CPU matmuls quantize activations to 8 bits for block-type weights, so those
+    agree to its rounding, F32 to float summation order (max rel. errors printed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind == "f32":
+        src, model = smollm2_2blocks, AutoModelForCausalLM.from_pretrained(
+            smollm2_2blocks, dtype=torch.float32).eval()
+    else:
+        weight = (functools.partial(gguf_rows, ggml_type=kind) if kind == "q4_k" else
+                  int_weight({"q8_0": 8, "q4_0": 4}[kind], 32, True))
+        src = build_dir(smollm2_2blocks, tmp_path / "q", weight)
+        model = load_quantized(src)[0]
+    out = export_gguf(str(src), tmp_path / "m.gguf", float_type="f32", dequantize=True)
+    ids = AutoTokenizer.from_pretrained(smollm2_2blocks)(load_text("austen-pp")[:2000])[
+        "input_ids"][:64]
+    ours = logits(model, torch.tensor([ids]))[0]
+    theirs = llamacpp_logits(out, ids)
+    err = rel_err(ours, theirs)
+    agree = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
+    print(f"llama.cpp vs lowbit, {kind}: max rel logit error {err:.2e}, top-1 agreement "
+          f"{agree:.3f}")
+    assert err <= (1e-4 if kind == "f32" else 5e-2) and agree >= 0.95
+
+
+def test_cli_writes_gguf_and_refuses_in_one_line(tiny_model, tmp_path, capsys):
+    from lowbit.cli.main import main
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(tiny_model), "--format", "gguf", "--gguf-float-type", "bf16",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"-> {out} (gguf: " in printed and "BF16" in printed
+    assert types(gguf.GGUFReader(out))["token_embd.weight"] == "BF16"
+    g64 = build_dir(tiny_model, tmp_path / "g64", int_weight(8, 64, True))
+    assert main(["export", str(g64), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lowbit: error: layer model.layers.0.") and "\n" not in err
+    assert main(["export", str(g64), "--format", "gptq", "--dequantize",
+                 "--out", str(tmp_path / "gptq")]) == 2

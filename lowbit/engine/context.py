@@ -189,3 +189,20 @@ def drop_dense_caches(block: nn.Module) -> None:
         if isinstance(m, QuantLinear):
             m.drop_cache()
 
+
+
+def first_block_layers(
+    model: nn.Module, table: BlockTable, ids: torch.Tensor, names: list[str],
+    batch_size: int = 8,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(weight, Hessian)`` fp32 of the first decoder block's linears ``names`` (relative to
+    the block) on calibration tokens ``ids`` ``[N, L]``: real layers for tests and
+    benchmarks."""
+    from lowbit.engine.capture import capture_block_inputs
+    from lowbit.models.arch import get_blocks
+
+    blocks = get_blocks(model, table)
+    inputs = capture_block_inputs(model, blocks, ids, batch_size)
+    ctx = BlockContext(blocks[0], 0, table.blocks + ".0", table, inputs.hidden, inputs)
+    hessians = ctx.collect_hessians(names)
+    return {n: (ctx.module(n).weight.detach().float().clone(), hessians[n]) for n in names}

@@ -143,7 +143,7 @@ def export_gguf(
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(tmp, gguf_meta.arch_name(spec))
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(str(getattr(model.config, "_name_or_path", "") or folder.name))
+        w.add_name(Path(str(manifest.get("source_model") or folder)).name)
         w.add_file_type(_file_type(payloads))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_string("lowbit.export", json.dumps(record, sort_keys=True))

@@ -170,6 +170,9 @@ def write_tokenizer(w: gguf.GGUFWriter, folder: Path, tokenizer: Any, n_vocab: i
         if pre is None or (tj.get("decoder") or {}).get("type") != "ByteLevel":
             raise _refuse(f"a BPE with pre-tokenizer steps {list(steps)} that no llama.cpp "
                           "pre-tokenizer is known to match")
+        if not tj["model"].get("merges"):
+            raise _refuse("a byte-level BPE without merges (llama.cpp's gpt2 tokenizer needs "
+                          "tokenizer.ggml.merges, and gguf writes no empty array)")
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)

@@ -78,9 +78,13 @@ def element_weights(x: torch.Tensor, importance: torch.Tensor, sigma_scale: floa
     """llama.cpp's imatrix element weights ``importance * sqrt(sigma2 + x^2)`` for rows ``x``
     ``[R, C]``, ``sigma2 = sigma_scale * mean(x^2)`` per row."""
     sigma2 = sigma_scale * (x * x).mean(dim=1, keepdim=True)
+    return _floored(importance)[None, :] * torch.sqrt(sigma2 + x * x)
+
+
+def _floored(importance: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[C]`` importance where a zero column still counts a little."""
     importance = importance.float()
-    floor = 1e-10 * importance.mean().clamp(min=1e-30)  # a zero column still counts a little
-    return importance.clamp(min=floor)[None, :] * torch.sqrt(sigma2 + x * x)
+    return importance.clamp(min=1e-10 * float(importance.mean().clamp(min=1e-30)))
 
 
 def legacy_weighted(w: torch.Tensor, t: GGMLType, importance: torch.Tensor) -> BlockFields:
@@ -131,8 +135,8 @@ def q6_k(w: torch.Tensor, t: GGMLType, importance: torch.Tensor | None) -> Block
     x = w.reshape(-1, 16)
     if importance is None:
         weights = x * x
-    else:
-        weights = element_weights(w, importance, 1.0).reshape(-1, 16)
+    else:  # llama.cpp's quantize_row_q6_K_impl weights by the importance alone
+        weights = _floored(importance).expand(rows, cols).reshape(-1, 16)
     scales = symmetric_search(x, weights, 32).view(-1, QK_K // 16)
     top = signed_absmax(scales)
     tiny = top.abs() < 1e-15
