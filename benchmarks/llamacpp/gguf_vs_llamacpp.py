@@ -71,6 +71,11 @@ def tool(name: str) -> str:
     return str(path)
 
 
+def kv_flags() -> list[str]:
+    """--override-kv of the pre-tokenizer (imatrix, perplexity; llama-bench has no such flag)."""
+    return ["--override-kv", f"tokenizer.ggml.pre=str:{OVERRIDE_PRE[1]}"] if OVERRIDE_PRE else []
+
+
 def run(cmd: list[str], log: Path, env: dict | None = None) -> str:
     """Run ``cmd``, keep its stdout+stderr in ``log``, return it; exit with its tail on error."""
     print("$", " ".join(cmd), flush=True)
@@ -211,8 +216,8 @@ def imatrix(work: Path, base: Path, calib: Path, nsamples: int, seqlen: int,
     if not have_tools():
         return None
     if not out.is_file():
-        run([tool("llama-imatrix"), "-m", str(base), "-f", str(calib), "-c", str(seqlen),
-             "--chunks", str(nsamples), "-t", str(threads), "-o", str(out)],
+        run([tool("llama-imatrix"), *kv_flags(), "-m", str(base), "-f", str(calib), "-c",
+             str(seqlen), "--chunks", str(nsamples), "-t", str(threads), "-o", str(out)],
             work / "logs" / "imatrix.log")
     return out
 
@@ -255,8 +260,9 @@ def score(work: Path, gguf: Path, base_logits: Path, ctx: int, chunks: int,
     """llama-perplexity --kl-divergence of ``gguf`` against the base's saved logits."""
     log = work / "logs" / f"kld-{gguf.stem}.log"
     out = log.read_text() if log.is_file() else run(
-        [tool("llama-perplexity"), "-m", str(gguf), "--kl-divergence-base", str(base_logits),
-         "--kl-divergence", "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads)], log)
+        [tool("llama-perplexity"), *kv_flags(), "-m", str(gguf), "--kl-divergence-base",
+         str(base_logits), "--kl-divergence", "-c", str(ctx), "--chunks", str(chunks), "-t",
+         str(threads)], log)
     found = {k: re.search(p, out) for k, p in _PATTERNS.items()}
     return {k: float(m.group(1)) for k, m in found.items() if m}
 
@@ -265,7 +271,7 @@ def base_logits(work: Path, base: Path, evalf: Path, ctx: int, chunks: int,
                 threads: int) -> tuple[Path, float]:
     out, log = work / "base-logits.kld", work / "logs" / "base-perplexity.log"
     text = log.read_text() if out.is_file() and log.is_file() else run(
-        [tool("llama-perplexity"), "-m", str(base), "-f", str(evalf), "-c", str(ctx),
+        [tool("llama-perplexity"), *kv_flags(), "-m", str(base), "-f", str(evalf), "-c", str(ctx),
          "--chunks", str(chunks), "-t", str(threads), "--kl-divergence-base", str(out)], log)
     return out, float(re.search(r"Final estimate: PPL = ([\d.]+)", text).group(1))
 
