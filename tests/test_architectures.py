@@ -137,7 +137,9 @@ def test_calibrating_every_expert_on_every_token(tiny_folders):
     with torch.no_grad():
         want = loaded.model(IDS).logits
     calib = api.CalibSpec(nsamples=4, seqlen=32, batch_size=4, all_experts=True)
-    result = api.quantize(loaded, api.build_config("rtn", METHODS["rtn"]), calib, progress=False)
+    # RTN calibrates only to report output errors (its weights need no data): ask for them
+    config = api.build_config("rtn", {**METHODS["rtn"], "output_error": True})
+    result = api.quantize(loaded, config, calib, progress=False)
     experts = [r for r in result.layers if ".mlp.experts." in r.name]
     assert len(experts) == 24
     assert all(r.extra["calib_tokens"] == 4 * 32 for r in experts)

@@ -83,7 +83,8 @@ def test_bad_settings_are_one_line_errors(settings, needle):
 
 def test_beats_rtn_on_a_real_model_and_reloads_exactly(smollm2_2blocks, tmp_path):
     errs = {}
-    for config in (RTNConfig(bits=3, group_size=64), ClipConfig(bits=3, group_size=64)):
+    for config in (RTNConfig(bits=3, group_size=64, output_error=True),
+                   ClipConfig(bits=3, group_size=64)):
         loaded = api.load_model(str(smollm2_2blocks))
         result = api.quantize(loaded, config, CALIB, progress=False)
         errs[config.method] = sum(r.hessian_rel_err for r in result.layers)

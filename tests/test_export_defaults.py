@@ -116,6 +116,7 @@ def test_gptq_without_static_groups_exports_to_gptq_only(tiny_model, tmp_path):
     assert (qc["desc_act"], qc["static_groups"]) == (True, False)
 
 
+@pytest.mark.slow  # 35 s on gemma3 (W4A8-INT8 and W8A8 exports stay in the default suite)
 def test_zqfp_w4a8_exports_with_fp8_activations(gemma3_2blocks, tmp_path):
     """ZeroQuant-FP W4A8 on integer weights (its defaults otherwise: FP8 E4M3 activations per
     token, static groups, g128): pack-quantized + dynamic FP8 input_activations, loaded by

@@ -287,7 +287,8 @@ def test_calibration_text_too_short_or_empty(tiny_model, tmp_path, capsys):
     short.write_text("It is a truth universally acknowledged.")
     empty.write_text("")
     out = tmp_path / "q"
-    argv = ["quantize", str(tiny_model), "--method", "rtn", *QUANTIZE, "--out", str(out)]
+    # GPTQ reads the calibration text (RTN draws none: its weights need no data)
+    argv = ["quantize", str(tiny_model), "--method", "gptq", *QUANTIZE, "--out", str(out)]
     assert _cli_error([*argv, "--calib", str(short)], capsys) == (
         "calibration text too short: a window of seqlen=32 needs 32 text tokens but the text has "
         "7; use a longer corpus (--calib) or lower --seqlen to at most 7"

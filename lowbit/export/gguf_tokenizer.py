@@ -42,11 +42,11 @@ _LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}
 _QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}"
              r"\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
-    ("bytelevel-regex",): "gpt2",
+    ("bytelevel-regex",): "gpt-2",
     ("digits", "bytelevel-regex"): "smollm",
     ("split:" + _LLAMA3_RE, "bytelevel"): "llama-bpe",
     ("split:" + _QWEN2_RE, "bytelevel"): "qwen2",
-    ("split:" + _GPT2_RE, "bytelevel"): "gpt2",
+    ("split:" + _GPT2_RE, "bytelevel"): "gpt-2",
 }
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
