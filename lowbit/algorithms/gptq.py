@@ -323,7 +323,7 @@ def gptq_columns(
         upper, used = inverse_hessian_cholesky(h, solver.percdamp)
     order = perm.tolist() if perm is not None else list(range(cols))
     diag = upper.diagonal().tolist()
-    err = torch.empty(rows, min(block_size, cols))
+    err = torch.empty(rows, min(block_size, cols), device=w.device)
     codes = None  # allocated with the dtype of the quantizer's codes
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from lowbit.core.block_output import StopBlock, block_output
-from lowbit.engine.capture import BlockInputs
+from lowbit.engine.capture import BlockInputs, capture_block_inputs
 from lowbit.engine.distributed import max_over_ranks, solve_shared, sum_hessian
 from lowbit.engine.hessian import GramCache, HessianAccumulator
 from lowbit.engine.placement import CPU, home
-from lowbit.models.arch import BlockTable, set_submodule
+from lowbit.models.arch import BlockTable, get_blocks, set_submodule
 from lowbit.models.experts import ExpertLinears
 from lowbit.nn.quant_linear import QuantLinear
 
@@ -213,7 +213,6 @@ def drop_dense_caches(block: nn.Module) -> None:
             m.drop_cache()
 
 
-
 def first_block_layers(
     model: nn.Module, table: BlockTable, ids: torch.Tensor, names: list[str],
     batch_size: int = 8,
@@ -221,9 +220,6 @@ def first_block_layers(
     """``(weight, Hessian)`` fp32 of the first decoder block's linears ``names`` (relative to
     the block) on calibration tokens ``ids`` ``[N, L]``: real layers for tests and
     benchmarks."""
-    from lowbit.engine.capture import capture_block_inputs
-    from lowbit.models.arch import get_blocks
-
     blocks = get_blocks(model, table)
     inputs = capture_block_inputs(model, blocks, ids, batch_size)
     ctx = BlockContext(blocks[0], 0, table.blocks + ".0", table, inputs.hidden, inputs)
