@@ -84,6 +84,22 @@ def test_cli_bench_device_cuda_without_cuda_exits_2(no_cuda, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+def test_auto_under_torchrun_is_the_local_rank_gpu(monkeypatch):
+    """torchrun gives each process ``LOCAL_RANK``: ``auto`` and ``cuda`` mean that GPU (wrapping
+    round when there are more processes than GPUs), not every rank's cuda:0."""
+    monkeypatch.delenv(placement.AUTO_ENV, raising=False)
+    monkeypatch.setattr(placement, "_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for local_rank, index in (("0", 0), ("1", 1), ("3", 1)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert placement.resolve_device("auto") == torch.device("cuda", index)
+        assert placement.resolve_device("cuda") == torch.device("cuda", index)
+        assert placement.resolve_device("cuda:0") == torch.device("cuda", 0)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert placement.resolve_device("auto") == torch.device("cuda", 0)
+
+
 def test_activations_stay_on_cpu_device():
     """On the CPU nothing moves: the same tensors, unpinned."""
     x = torch.randn(2, 3)

@@ -21,14 +21,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lowbit.engine.placement import default_cuda_index
+
 
 def init_from_env() -> bool:
     """Join the process group described by torchrun's environment; False for one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # NCCL's collectives run on this process's own GPU
+            torch.cuda.set_device(default_cuda_index())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
+
+
+def _comm_device() -> torch.device:
+    """Where small bookkeeping tensors must be for a collective: the process's GPU under NCCL,
+    the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -55,12 +67,13 @@ def sum_hessian(hessian: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
     """The token-weighted mean of the ranks' Hessians ``[C, C]`` and the total token count."""
     if rank_and_world()[1] == 1:
         return hessian, tokens
-    total = hessian * tokens
-    count = torch.tensor([float(tokens)], dtype=torch.float64)
+    comm = _comm_device()
+    total = hessian.to(comm) * tokens
+    count = torch.tensor([float(tokens)], dtype=torch.float64, device=comm)
     dist.all_reduce(total)
     dist.all_reduce(count)
     n = int(count.item())
-    return total / n, n
+    return (total / n).to(hessian.device), n
 
 
 def max_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -68,7 +81,7 @@ def max_over_ranks(values: dict[str, float]) -> dict[str, float]:
     if rank_and_world()[1] == 1 or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return dict(zip(keys, t.tolist(), strict=True))
 

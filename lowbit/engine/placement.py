@@ -27,11 +27,13 @@ FREE_MARGIN = 0.10
 def resolve_device(spec: str | torch.device | None) -> torch.device:
     """The compute device of ``spec``: ``auto`` (or None) = ``cuda`` when CUDA is available,
     else ``cpu`` (``$LOWBIT_AUTO_DEVICE`` overrides that); ``cpu``, ``cuda``, ``cuda:N``.
+    ``auto`` and ``cuda`` without an index mean this process's GPU: ``cuda:$LOCAL_RANK`` under
+    torchrun (one GPU per process), the current device otherwise.
     ValueError for a device this machine lacks."""
     if spec is None or spec == "auto":
         if os.environ.get(AUTO_ENV, "auto") != "auto":
             return resolve_device(os.environ[AUTO_ENV])
-        return torch.device("cuda", torch.cuda.current_device()) if _cuda() else CPU
+        return torch.device("cuda", default_cuda_index()) if _cuda() else CPU
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError) as exc:
@@ -45,7 +47,7 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
             f"'{spec}' asked for, but CUDA is not available here (torch {torch.__version__}, "
             f"built with CUDA {torch.version.cuda or 'none'}); use --device cpu or auto"
         )
-    index = torch.cuda.current_device() if device.index is None else device.index
+    index = default_cuda_index() if device.index is None else device.index
     if index >= torch.cuda.device_count():
         raise ValueError(
             f"'{spec}' asked for, but this machine has {torch.cuda.device_count()} CUDA "
@@ -56,6 +58,15 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
 
 def _cuda() -> bool:
     return torch.cuda.is_available()
+
+
+def default_cuda_index() -> int:
+    """This process's GPU: ``$LOCAL_RANK`` (set by torchrun; wraps round the visible devices
+    when there are more processes than GPUs), else torch's current device."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and local_rank.isdigit():
+        return int(local_rank) % torch.cuda.device_count()
+    return torch.cuda.current_device()
 
 
 def activation_home(
