@@ -21,6 +21,7 @@ Usage (repo root, lowbit's venv):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -41,16 +42,35 @@ CALIB, SEED = "austen-emma", 0
 
 
 def run_timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
-    """Run ``cmd`` (output to ``log``); its wall seconds and peak RSS in MiB. Raises on failure."""
+    """Run ``cmd`` (output to ``log``); its wall seconds and peak RSS in MiB. Raises on failure.
+
+    The peak is the child's own ``VmHWM`` (/proc/PID/status), read every 50 ms while it runs:
+    wait4's ``ru_maxrss`` would not do, as Linux carries the forking parent's resident size
+    into the child's maximum across exec (a child of this 2.5 GiB process "peaks" at 2.5 GiB).
+    """
     start = time.perf_counter()
+    peak_kib = 0
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while proc.poll() is None:
+            peak_kib = max(peak_kib, vm_hwm_kib(proc.pid))
+            time.sleep(0.05)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{cmd[:4]}... failed ({proc.returncode}); see {log}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, peak_kib / 1024
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """``VmHWM`` of process ``pid`` in KiB (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
 
 
 def lowbit_run(method: str, args, work: Path, env: dict[str, str]) -> dict:
@@ -89,6 +109,18 @@ def score(path: str, base, args) -> dict:
             "top1_agreement": scores["top1_agreement"]}
 
 
+@contextlib.contextmanager
+def background_load(n: int):
+    """``n`` busy-loop processes (one core each, at this process's priority) while inside."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in loops:
+            proc.kill()
+            proc.wait()
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -119,6 +151,9 @@ def main() -> None:
     p.add_argument("--json", default="results/speed/vs_llmcompressor.json")
     p.add_argument("--tools", nargs="+", default=["lowbit", "llmcompressor"],
                    choices=["lowbit", "llmcompressor"], help="which tools, in this order")
+    p.add_argument("--background-load", type=int, default=0, metavar="N",
+                   help="run N CPU-bound busy loops (other users' jobs) beside each tool's "
+                        "quantize command, as on a shared machine")
     p.add_argument("--reuse", action="store_true",
                    help="take the runs an interrupted benchmark finished from WORK/*-record.json")
     args = p.parse_args()
@@ -147,10 +182,11 @@ def main() -> None:
                 rows.append(row)
                 continue
             print(f"{method} / {tool} ... ({uptime()})", flush=True)
-            if tool == "lowbit":
-                run = lowbit_run(method, args, work, env)
-            else:
-                run = llmcompressor_run(method, args, work, env, ids_file, base_dir)
+            with background_load(args.background_load):
+                if tool == "lowbit":
+                    run = lowbit_run(method, args, work, env)
+                else:
+                    run = llmcompressor_run(method, args, work, env, ids_file, base_dir)
             run["uptime"] = uptime()
             rows.append({"method": method, "tool": tool, **run, **score(run["out"], base, args)})
             record.write_text(json.dumps(rows[-1], indent=2))
@@ -175,7 +211,8 @@ def main() -> None:
     print(f"load: {load['start']} -> {load['end']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "torch": torch.__version__, "uptime": load,
+        json.dump({"args": vars(args), "background_load": args.background_load,
+                   "torch": torch.__version__, "uptime": load,
                    "calib_ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
                    "rows": rows, "ratios": ratios}, f, indent=2)
 
