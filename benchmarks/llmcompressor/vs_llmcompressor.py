@@ -81,6 +81,7 @@ def lowbit_run(method: str, args, work: Path, env: dict[str, str]) -> dict:
            "--out", str(out), "--json", str(report)]
     if method == "gptq":
         cmd += ["--act-order", "--static-groups", "--percdamp", "0.01", "--block-size", "128"]
+    cmd += args.lowbit_args.split()
     wall, rss = run_timed(cmd, env, work / f"lowbit-{method}.log")
     seconds = json.loads(report.read_text())["seconds"]
     return {"wall_s": wall, "quantize_s": seconds, "peak_rss_mib": rss, "out": str(out)}
@@ -154,6 +155,9 @@ def main() -> None:
     p.add_argument("--background-load", type=int, default=0, metavar="N",
                    help="run N CPU-bound busy loops (other users' jobs) beside each tool's "
                         "quantize command, as on a shared machine")
+    p.add_argument("--lowbit-args", default="",
+                   help="extra `lowbit quantize` flags, e.g. --no-true-sequential (one pass of "
+                        "calibration per block, as llm-compressor's GPTQ)")
     p.add_argument("--reuse", action="store_true",
                    help="take the runs an interrupted benchmark finished from WORK/*-record.json")
     args = p.parse_args()
