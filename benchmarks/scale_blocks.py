@@ -72,8 +72,8 @@ STAGES = {  # name -> (how it scales with calibration tokens, what it is)
     "correction": (TOKENS, "QLLM error correction"),
 }
 ANCHORS = {  # published whole-model times on one A100 (the anchors)
-    ("70b", "spqr"): "SpQR paper: LLaMA-65B (80 blocks) in 4.5 h on one A100",
-    ("8b", "gptq"): "llm-compressor: Llama-3-8B GPTQ about 30 min on an A100",
+    ("Llama-3-70B", "spqr"): "SpQR paper: LLaMA-65B (80 blocks) in 4.5 h on one A100",
+    ("Llama-3-8B", "gptq"): "llm-compressor: Llama-3-8B GPTQ about 30 min on an A100",
 }
 
 
@@ -235,11 +235,12 @@ def measure_block(shape: BlockShape, method_name: str, nsamples: int, seqlen: in
     seconds["other"] = max(apply - inside, 0.0)
     total = seconds.pop("total")
     out = {
-        "model": shape.name, "method": method_name, "config": config.to_dict(),
+        "model": shape.name, "shape": dataclasses.asdict(shape), "method": method_name,
+        "config": config.to_dict(),
         "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "nsamples": nsamples, "seqlen": seqlen, "batch": batch,
         "stages_s": {name: seconds.get(name, 0.0) for name in STAGES},
-        "total_s": total, "layers": len(reports),
+        "total_s": total, "layers": sum(len(block) for block in reports),
         "peak_rss_mib": peak_rss_mb(),
         "block_weight_bytes": sum(p.numel() * p.element_size() for p in blocks[0].parameters()),
         "activation_bytes": act_bytes, "activation_copies": activation_copies(size),
@@ -249,6 +250,8 @@ def measure_block(shape: BlockShape, method_name: str, nsamples: int, seqlen: in
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     del ctx, model, blocks, inputs
     trim_heap()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -308,18 +311,18 @@ def merge_json(path: Path, header: dict[str, Any], runs: list[dict[str, Any]]) -
 def print_tables(runs: list[dict[str, Any]]) -> None:
     print("\n| model | method | device | tokens measured | hessians s | stats s | solve s | "
           "other s | outputs s | correction s | block s measured | block s at N x L | "
-          "whole model h at N x L | anchor |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "whole model h at N x L | load 1 min before/after | anchor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         x = r["extrapolated"]
         st = r["stages_s"]
-        key = next(k for k, s in SHAPES.items() if s.name == r["model"])
         print(f"| {r['model']} | {r['method']} | {r['device']} {r['dtype']} | "
               f"{r['nsamples']} x {r['seqlen']} | "
               + " | ".join(f"{st[s]:.1f}" for s in STAGES)
               + f" | {r['total_s']:.1f} | {x['block_s']:.0f} ({x['target'][0]} x "
               f"{x['target'][1]}) | {x['model_hours']:.2f} | "
-              f"{ANCHORS.get((key, r['method']), '')} |")
+              f"{r['loadavg_before'][0]:.1f} / {r['loadavg_after'][0]:.1f} | "
+              f"{ANCHORS.get((r['model'], r['method']), '')} |")
     print("\n| model | method | peak RSS GiB | peak CUDA GiB | block weights GiB | "
           "activations GiB measured | activations GiB at N x L (x copies) | "
           "est. peak GiB at N x L |")
@@ -350,40 +353,45 @@ def main() -> None:
     p.add_argument("--settings", default="{}",
                    help='method settings as JSON keyed by method, e.g. {"gptq": {"bits": 3}}')
     p.add_argument("--json", default="results/scale/scale_blocks.json")
+    p.add_argument("--show", action="store_true", help="print the tables of every run in --json "
+                                                       "and exit")
     args = p.parse_args()
+    if args.show:
+        print_tables(json.loads(Path(args.json).read_text())["runs"])
+        return
     device = resolve_device(args.device)
     dtype = dtype_named(args.dtype)
     settings = json.loads(args.settings)
-    load_before = os.getloadavg()
+    header = {
+        "command": "python benchmarks/scale_blocks.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()),
+        "machine": machine(device), "loadavg_before": os.getloadavg(),
+        "stage_kinds": {name: kind for name, (kind, _what) in STAGES.items()},
+        "stage_meaning": {name: what for name, (_kind, what) in STAGES.items()},
+    }
     runs = []
     for key in args.model:
         shape = SHAPES[key]
         for method in args.methods:
             print(f"{shape.name} {method}: {args.nsamples} x {args.seqlen} tokens on {device} "
                   f"({dtype}) ...", flush=True)
+            before = os.getloadavg()
             run = measure_block(shape, method, args.nsamples, args.seqlen, device, dtype,
                                 args.batch, settings.get(method))
             run["extrapolated"] = extrapolate(run, shape, tuple(args.target))
-            run["loadavg"] = os.getloadavg()
+            run.update(loadavg_before=before, loadavg_after=os.getloadavg(),
+                       machine=header["machine"], command=header["command"])
             print(json.dumps({k: run[k] for k in ("stages_s", "total_s", "peak_rss_mib")}),
                   flush=True)
             runs.append(run)
-    header = {
-        "command": "python benchmarks/scale_blocks.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items()),
-        "machine": machine(device), "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
-        "uptime": os.popen("uptime").read().strip(),
-        "stage_kinds": {name: kind for name, (kind, _what) in STAGES.items()},
-        "stage_meaning": {name: what for name, (_kind, what) in STAGES.items()},
-    }
+            header["loadavg_after"] = run["loadavg_after"]
+            header["uptime"] = os.popen("uptime").read().strip()
+            if args.json:  # after every run: a run cut short keeps the finished ones
+                merge_json(Path(args.json), header, [run])
     print_tables(runs)
-    print(f"\nload average before {load_before}, after {header['loadavg_after']}; "
-          f"{header['machine']}")
-    if args.json:
-        merge_json(Path(args.json), header, runs)
-        print(f"wrote {args.json}")
+    print(f"\nload average before {header['loadavg_before']}, after "
+          f"{header.get('loadavg_after')}; {header['machine']}")
 
 
 if __name__ == "__main__":
