@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -51,7 +52,7 @@ from lowbit.algorithms import qllm as qllm_module
 from lowbit.core.method import Method, method_for
 from lowbit.engine.capture import capture_block_inputs
 from lowbit.engine.context import BlockContext
-from lowbit.engine.placement import resolve_device
+from lowbit.engine.placement import module_bytes, resolve_device
 from lowbit.engine.preflight import activation_copies
 from lowbit.engine.sequential import _place_activations, _quantize_group
 from lowbit.loading import dtype_named
@@ -87,6 +88,14 @@ class BlockShape:
     heads: int
     kv_heads: int
     blocks: int
+
+
+def block_params(shape: BlockShape) -> int:
+    """Parameters of one block: q/o ``[H, H]``, k/v ``[kv * H / heads, H]``, gate/up/down
+    ``H x F``, two norms ``[H]``."""
+    kv = shape.kv_heads * shape.hidden // shape.heads
+    return 2 * shape.hidden**2 + 2 * kv * shape.hidden + 3 * shape.hidden * shape.ffn \
+        + 2 * shape.hidden
 
 
 SHAPES = {
@@ -218,6 +227,7 @@ def measure_block(shape: BlockShape, method_name: str, nsamples: int, seqlen: in
     inputs.hidden = []
     hidden = random_hidden(nsamples, seqlen, shape.hidden, batch, dtype)
     act_bytes = sum(x.numel() * x.element_size() for x in hidden)
+    weight_bytes = module_bytes(blocks[0])  # before the method replaces its linears
     method = method_for(config)
     size = method.group_blocks(config)
     hidden = _place_activations(hidden, device, size, blocks[0])
@@ -242,7 +252,7 @@ def measure_block(shape: BlockShape, method_name: str, nsamples: int, seqlen: in
         "stages_s": {name: seconds.get(name, 0.0) for name in STAGES},
         "total_s": total, "layers": sum(len(block) for block in reports),
         "peak_rss_mib": peak_rss_mb(),
-        "block_weight_bytes": sum(p.numel() * p.element_size() for p in blocks[0].parameters()),
+        "block_weight_bytes": weight_bytes,
         "activation_bytes": act_bytes, "activation_copies": activation_copies(size),
         "activation_home": str(ctx.hidden[0].device) if ctx.hidden else str(device),
     }
@@ -330,9 +340,11 @@ def print_tables(runs: list[dict[str, Any]]) -> None:
     for r in runs:
         x = r["extrapolated"]
         cuda = f"{r['peak_cuda_mib'] / 1024:.2f}" if "peak_cuda_mib" in r else "-"
+        weights = block_params(BlockShape(**r["shape"])) * torch.empty(
+            (), dtype=dtype_named(r["dtype"])).element_size()
         where = "CUDA" if x["peak_estimate_of"] == "peak_cuda_mib" else "RSS"
         print(f"| {r['model']} | {r['method']} | {r['peak_rss_mib'] / 1024:.2f} | {cuda} | "
-              f"{r['block_weight_bytes'] / GIB:.2f} | {r['activation_bytes'] / GIB:.3f} | "
+              f"{weights / GIB:.2f} | {r['activation_bytes'] / GIB:.3f} | "
               f"{x['activation_bytes'] / GIB:.2f} (x{r['activation_copies']}) | "
               f"{x['peak_estimate_mib'] / 1024:.1f} ({where}) |")
 
@@ -364,8 +376,9 @@ def main() -> None:
     settings = json.loads(args.settings)
     header = {
         "command": "python benchmarks/scale_blocks.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items()),
+            f"--{k.replace('_', '-')} "
+            + (" ".join(map(str, v)) if isinstance(v, list) else shlex.quote(str(v)))
+            for k, v in vars(args).items() if k != "show"),
         "machine": machine(device), "loadavg_before": os.getloadavg(),
         "stage_kinds": {name: kind for name, (kind, _what) in STAGES.items()},
         "stage_meaning": {name: what for name, (_kind, what) in STAGES.items()},

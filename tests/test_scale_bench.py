@@ -45,6 +45,7 @@ def test_block_stages_are_timed(bench, method):
         assert stages["hessians"] > 0 and stages["solve"] > 0 and stages["correction"] == 0
     assert stages["outputs"] > 0
     assert run["activation_bytes"] == 2 * 32 * 64 * 4  # fp32 [2, 32, 64]
+    assert run["block_weight_bytes"] == bench.block_params(shape) * 4
     assert math.isfinite(run["peak_rss_mib"]) and run["peak_rss_mib"] > 0
 
 
@@ -56,6 +57,9 @@ def test_block_shape_and_dtype(bench):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert block.self_attn.k_proj.weight.shape == (2 * 16, 64)  # 2 KV heads of 64 / 4
     assert block.mlp.down_proj.weight.shape == (64, 128)
+    assert sum(p.numel() for p in block.parameters()) == bench.block_params(shape)
+    llama3_8b = bench.SHAPES["8b"]  # 218 M parameters per block, 32 blocks (~7.0 of 8.0 B)
+    assert bench.block_params(llama3_8b) == 218_112_000
     assert set(table.linear_names) >= {"self_attn.q_proj", "mlp.down_proj"}
 
 
