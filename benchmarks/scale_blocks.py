@@ -318,6 +318,13 @@ def merge_json(path: Path, header: dict[str, Any], runs: list[dict[str, Any]]) -
     path.write_text(json.dumps({**header, "runs": kept + runs}, indent=2) + "\n")
 
 
+def method_label(run: dict[str, Any]) -> str:
+    """The run's method with the settings it changed from the method's defaults."""
+    default = build_config(run["method"], {}).to_dict()
+    changed = [f"{k} {v}" for k, v in run["config"].items() if default.get(k) != v]
+    return run["method"] + (f" ({', '.join(changed)})" if changed else "")
+
+
 def print_tables(runs: list[dict[str, Any]]) -> None:
     print("\n| model | method | device | tokens measured | hessians s | stats s | solve s | "
           "other s | outputs s | correction s | block s measured | block s at N x L | "
@@ -326,7 +333,7 @@ def print_tables(runs: list[dict[str, Any]]) -> None:
     for r in runs:
         x = r["extrapolated"]
         st = r["stages_s"]
-        print(f"| {r['model']} | {r['method']} | {r['device']} {r['dtype']} | "
+        print(f"| {r['model']} | {method_label(r)} | {r['device']} {r['dtype']} | "
               f"{r['nsamples']} x {r['seqlen']} | "
               + " | ".join(f"{st[s]:.1f}" for s in STAGES)
               + f" | {r['total_s']:.1f} | {x['block_s']:.0f} ({x['target'][0]} x "
@@ -343,7 +350,7 @@ def print_tables(runs: list[dict[str, Any]]) -> None:
         weights = block_params(BlockShape(**r["shape"])) * torch.empty(
             (), dtype=dtype_named(r["dtype"])).element_size()
         where = "CUDA" if x["peak_estimate_of"] == "peak_cuda_mib" else "RSS"
-        print(f"| {r['model']} | {r['method']} | {r['peak_rss_mib'] / 1024:.2f} | {cuda} | "
+        print(f"| {r['model']} | {method_label(r)} | {r['peak_rss_mib'] / 1024:.2f} | {cuda} | "
               f"{weights / GIB:.2f} | {r['activation_bytes'] / GIB:.3f} | "
               f"{x['activation_bytes'] / GIB:.2f} (x{r['activation_copies']}) | "
               f"{x['peak_estimate_mib'] / 1024:.1f} ({where}) |")
