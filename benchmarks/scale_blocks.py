@@ -1,7 +1,7 @@
 """Per-block wall time and peak memory of GPTQ, SpQR and QLLM on one decoder block of Llama-3-8B
 or Llama-3-70B shapes (random weights), and the whole model's time extrapolated from it.
 
-Usage: python benchmarks/scale_blocks.py [--model 8b 70b] [--methods gptq spqr qllm]
+Usage: PYTHONPATH=$PWD python benchmarks/scale_blocks.py [--model 8b 70b] [--methods gptq spqr qllm]
            [--nsamples 128] [--seqlen 2048] [--device auto|cpu|cuda] [--dtype bfloat16]
            [--settings '{"gptq": {"group_size": 128}}'] [--json results/scale/scale_blocks.json]
 
