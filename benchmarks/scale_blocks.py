@@ -52,7 +52,7 @@ from lowbit.algorithms import qllm as qllm_module
 from lowbit.core.method import Method, method_for
 from lowbit.engine.capture import capture_block_inputs
 from lowbit.engine.context import BlockContext
-from lowbit.engine.placement import module_bytes, resolve_device
+from lowbit.engine.placement import module_bytes, resolve_device, to_device
 from lowbit.engine.preflight import activation_copies
 from lowbit.engine.sequential import _place_activations, _quantize_group
 from lowbit.loading import dtype_named
@@ -225,6 +225,7 @@ def measure_block(shape: BlockShape, method_name: str, nsamples: int, seqlen: in
     ids = torch.zeros(min(batch, nsamples), seqlen, dtype=torch.long)
     inputs = capture_block_inputs(model, blocks, ids, ids.shape[0])  # call args per batch size
     inputs.hidden = []
+    inputs.calls = [to_device(calls, device) for calls in inputs.calls]  # as the engine does
     hidden = random_hidden(nsamples, seqlen, shape.hidden, batch, dtype)
     act_bytes = sum(x.numel() * x.element_size() for x in hidden)
     weight_bytes = module_bytes(blocks[0])  # before the method replaces its linears
