@@ -125,13 +125,16 @@ def inverse_hessian_cholesky(
             "overflowed); check the model's weights and run in fp32"
         )
     mean_diag = torch.mean(torch.diag(hessian))
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     first = percdamp
     for _ in range(max_tries):
-        damped = hessian + percdamp * mean_diag * eye
+        # at most three [C, C] copies besides H alive at once (a 70B down_proj's H is 3.3 GiB)
+        damped = hessian.clone()
+        damped.diagonal().add_(percdamp * mean_diag)
         chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             inv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
             if info == 0:
                 return upper, percdamp
@@ -318,9 +321,10 @@ def gptq_columns(
         quantizer.fit_static(w)
     perm = torch.argsort(torch.diag(h), descending=True) if solver.act_order else None
     if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
+        w, h = w[:, perm], h[perm[:, None], perm]  # one [C, C] copy, not two
     with torch_threads(threads_for(h.numel())):
         upper, used = inverse_hessian_cholesky(h, solver.percdamp)
+    del h  # the loop reads only its inverse's factor
     order = perm.tolist() if perm is not None else list(range(cols))
     diag = upper.diagonal().tolist()
     err = torch.empty(rows, min(block_size, cols), device=w.device)
