@@ -167,12 +167,12 @@ def _bit_planes(values: torch.Tensor, nbits: int, planes: int, width: int) -> to
     """``[..., planes * width]`` values of ``nbits`` bits -> ``[..., width]`` bytes, plane ``p``
     in bits ``p * nbits ..``."""
     v = values.view(*values.shape[:-1], planes, width).to(torch.int32)
-    shifts = (torch.arange(planes, dtype=torch.int32) * nbits)[:, None]
+    shifts = (torch.arange(planes, dtype=torch.int32, device=values.device) * nbits)[:, None]
     return (v << shifts).sum(dim=-2).to(torch.uint8)
 
 
 def _from_bit_planes(b: torch.Tensor, nbits: int, planes: int) -> torch.Tensor:
-    shifts = (torch.arange(planes, dtype=torch.uint8) * nbits)[:, None]
+    shifts = (torch.arange(planes, dtype=torch.uint8, device=b.device) * nbits)[:, None]
     planes_ = (b[..., None, :] >> shifts) & ((1 << nbits) - 1)
     return planes_.flatten(-2)
 
@@ -244,7 +244,7 @@ def unpack(t: GGMLType, raw: torch.Tensor, cols: int) -> BlockFields:
     for s in t.segments:
         seg[s] = blocks[..., at : at + SEGMENT_BYTES[s]]
         at += SEGMENT_BYTES[s]
-    f = BlockFields(torch.empty(0), _f16_from(seg["d"]))
+    f = BlockFields(raw.new_empty(0), _f16_from(seg["d"]))
     if "m" in seg:
         f.m = _f16_from(seg["m"])
     if "q8" in seg:

@@ -84,7 +84,7 @@ def element_weights(x: torch.Tensor, importance: torch.Tensor, sigma_scale: floa
 def _floored(importance: torch.Tensor) -> torch.Tensor:
     """fp32 ``[C]`` importance where a zero column still counts a little."""
     importance = importance.float()
-    return importance.clamp(min=1e-10 * float(importance.mean().clamp(min=1e-30)))
+    return importance.clamp(min=1e-10 * importance.mean().clamp(min=1e-30))
 
 
 def legacy_weighted(w: torch.Tensor, t: GGMLType, importance: torch.Tensor) -> BlockFields:
@@ -94,10 +94,16 @@ def legacy_weighted(w: torch.Tensor, t: GGMLType, importance: torch.Tensor) -> B
     x = w.reshape(-1, 32)
     if t.affine:
         scale, mn = affine_search(x, weights, t.qmax, *WEIGHTED_AFFINE_STEPS)
-        f = BlockFields(torch.empty(0), _f16(scale.view(rows, -1)), _f16(-mn.view(rows, -1)))
+        f = BlockFields(_no_codes(w), _f16(scale.view(rows, -1)), _f16(-mn.view(rows, -1)))
     else:
-        f = BlockFields(torch.empty(0), _f16(symmetric_search(x, weights, t.zero).view(rows, -1)))
+        f = BlockFields(_no_codes(w), _f16(symmetric_search(x, weights, t.zero).view(rows, -1)))
     return _rounded(w, t, f)
+
+
+def _no_codes(w: torch.Tensor) -> torch.Tensor:
+    """An empty uint8 code tensor on ``w``'s device, for fields whose codes :func:`_rounded`
+    sets."""
+    return w.new_empty(0, dtype=torch.uint8)
 
 
 def _rounded(w: torch.Tensor, t: GGMLType, f: BlockFields) -> BlockFields:
@@ -123,7 +129,7 @@ def k_affine(w: torch.Tensor, t: GGMLType, importance: torch.Tensor | None) -> B
     sub_w = None if importance is None else weights.sum(dim=1).view(-1, per)
     d, ls = positive_levels(scale.view(-1, per), 63, sub_w)
     dmin, lm = positive_levels(mn.view(-1, per), 63, sub_w)
-    f = BlockFields(torch.empty(0), _f16(d.view(rows, -1)), _f16(dmin.view(rows, -1)),
+    f = BlockFields(_no_codes(w), _f16(d.view(rows, -1)), _f16(dmin.view(rows, -1)),
                     ls.to(torch.uint8).view(rows, -1), lm.to(torch.uint8).view(rows, -1))
     return _rounded(w, t, f)
 
@@ -143,7 +149,7 @@ def q6_k(w: torch.Tensor, t: GGMLType, importance: torch.Tensor | None) -> Block
     iscale = torch.where(tiny, torch.zeros_like(top), -128 / torch.where(tiny, 1, top))
     d = torch.where(tiny, torch.zeros_like(top), 1 / torch.where(tiny, 1, iscale))
     sc = torch.round(iscale * scales).clamp(-128, 127).to(torch.int8)
-    f = BlockFields(torch.empty(0), _f16(d.view(rows, -1)), sc=sc.view(rows, -1))
+    f = BlockFields(_no_codes(w), _f16(d.view(rows, -1)), sc=sc.view(rows, -1))
     return _rounded(w, t, f)
 
 

@@ -28,7 +28,8 @@ def symmetric_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tenso
     """Scale ``[N]`` of the best symmetric grid ``scale * l``, ``l`` in ``[-nmax, nmax - 1]``
     (0 for an all-zero sub-block), as ``make_qx_quants(n, nmax, x, L, 1, w)`` finds it."""
     mx = signed_absmax(x)
-    steps = torch.tensor([0.0] + [0.1 * k for k in range(-9, 10) if k != 0])
+    steps = torch.tensor([0.0] + [0.1 * k for k in range(-9, 10) if k != 0],
+                         dtype=torch.float32, device=x.device)
     safe = torch.where(mx.abs() < GROUP_MAX_EPS, torch.ones_like(mx), mx)
     iscale = -(nmax + steps) / safe  # [N, K]
     levels = (iscale[:, :, None] * x[:, None, :]).round_().clamp_(-nmax, nmax - 1)
@@ -62,7 +63,7 @@ def affine_search(
     best = _weighted_sse(scale, low, sum_w, sum_x, sum_x2, *_candidate(x, w, iscale, low, nmax)[:3])
     for k in range(nstep + 1):
         span = torch.where(flat, torch.ones_like(hi), hi - low)
-        cand = torch.tensor(rmin + rdelta * k + nmax, dtype=torch.float32)
+        cand = torch.tensor(rmin + rdelta * k + nmax, dtype=torch.float32, device=x.device)
         sum_l, sum_l2, sum_xl, _ = _candidate(x, w, cand / span, low, nmax)
         det = sum_w * sum_l2 - sum_l * sum_l
         safe = torch.where(det > 0, det, torch.ones_like(det))

@@ -129,3 +129,18 @@ def test_rtn_error_and_importance(name):
         assert torch.equal(plain, weighted)
     else:
         assert rel_err(w, weighted, importance) < 0.95 * rel_err(w, plain, importance)
+
+
+@pytest.mark.parametrize("name", GGUF_TYPES)
+def test_quantize_and_decode_stay_on_the_input_device(name):
+    """Every tensor the quantizers and the decoder create follows the input's device: on the
+    "meta" device a CPU-made tensor (or a host sync) raises, so this fails on any ``device=``
+    left out (which would break ``--weight-format gguf-*`` on CUDA)."""
+    t = TYPES[name]
+    w = torch.empty(4, 512, device="meta")
+    for importance in (None, torch.empty(512, device="meta")):
+        q = quantize_rows(w, name, importance)
+        assert q.raw.device.type == "meta" and q.raw.shape == (4, t.row_bytes(512))
+        values = q.dequantize()
+        assert values.device.type == "meta" and values.dtype == torch.float32
+        assert unpack(t, q.raw, 512).q.device.type == "meta"
