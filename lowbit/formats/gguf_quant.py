@@ -133,7 +133,7 @@ def k_affine(w: torch.Tensor, t: GGMLType, importance: torch.Tensor | None) -> B
         weights = av + x.abs()
         steps = AFFINE_STEPS[t.name]
     else:
-        weights = element_weights(w, importance, 2.0).reshape(-1, 32)
+        weights = element_weights(w, importance, 2.0, QK_K).reshape(-1, 32)
         steps = WEIGHTED_AFFINE_STEPS
     scale, mn = affine_search(x, weights, t.qmax, *steps)
     per = QK_K // 32
