@@ -325,3 +325,30 @@ def test_cli_writes_gguf_and_refuses_in_one_line(tiny_model, tmp_path, capsys):
     assert err.startswith("lowbit: error: layer model.layers.0.") and "\n" not in err
     assert main(["export", str(g64), "--format", "gptq", "--dequantize",
                  "--out", str(tmp_path / "gptq")]) == 2
+
+
+def test_q3_k_and_q2_k_blocks_export_byte_for_byte(llama256, tmp_path):
+    """q3_k/q2_k weights go into the GGUF as tensor types Q3_K/Q2_K with lowbit's bytes;
+    gguf-py decodes them to lowbit's values and transformers' GGUF loader reproduces lowbit's
+    logits."""
+    fmt = {"q_proj": "q3_k", "k_proj": "q2_k", "v_proj": "q3_k", "o_proj": "q2_k",
+           "gate_proj": "q3_k", "up_proj": "q3_k", "down_proj": "q2_k"}
+    src = build_dir(llama256, tmp_path / "q",
+                    {k: functools.partial(gguf_rows, ggml_type=t) for k, t in fmt.items()})
+    out = export_gguf(str(src), tmp_path / "m.gguf", float_type="f32")
+    reader = gguf.GGUFReader(out)
+    kinds = types(reader)
+    assert kinds["blk.0.attn_v.weight"] == "Q3_K" and kinds["blk.1.ffn_down.weight"] == "Q2_K"
+    assert kv(reader, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q3_K_M)
+    lowbit_model = load_quantized(src)[0]
+    layers = quantized_layers(lowbit_model)
+    by_name = {t.name: t for t in reader.tensors}
+    for gguf_name, name in (("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj"),
+                            ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj")):
+        stored = layers[name].stored_weight()
+        data = by_name[gguf_name].data
+        assert np.array_equal(data, stored.raw.numpy())
+        values = gguf.quants.dequantize(data, by_name[gguf_name].tensor_type)
+        assert torch.equal(torch.from_numpy(values.astype(np.float32)), stored.dequantize())
+    model = read_back(out)
+    assert rel_err(logits(lowbit_model), logits(model)) <= 1e-5
