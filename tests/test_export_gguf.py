@@ -327,28 +327,32 @@ def test_cli_writes_gguf_and_refuses_in_one_line(tiny_model, tmp_path, capsys):
                  "--out", str(tmp_path / "gptq")]) == 2
 
 
+def exported_blocks(src: Path, tmp_path: Path, fmt: dict[str, str]):
+    """(lowbit model, GGUF path, its reader) of HF folder ``src`` with the linears of each name
+    suffix rounded onto ``fmt[suffix]`` (or its fallback), exported with F32 floats."""
+    rows = {k: functools.partial(gguf_rows, ggml_type=t) for k, t in fmt.items()}
+    out = export_gguf(str(build_dir(src, tmp_path / "q", rows)), tmp_path / "m.gguf",
+                      float_type="f32")
+    return load_quantized(tmp_path / "q")[0], out, gguf.GGUFReader(out)
+
+
 def test_q3_k_and_q2_k_blocks_export_byte_for_byte(llama256, tmp_path):
     """q3_k/q2_k weights go into the GGUF as tensor types Q3_K/Q2_K with lowbit's bytes;
     gguf-py decodes them to lowbit's values and transformers' GGUF loader reproduces lowbit's
     logits."""
-    fmt = {"q_proj": "q3_k", "k_proj": "q2_k", "v_proj": "q3_k", "o_proj": "q2_k",
-           "gate_proj": "q3_k", "up_proj": "q3_k", "down_proj": "q2_k"}
-    src = build_dir(llama256, tmp_path / "q",
-                    {k: functools.partial(gguf_rows, ggml_type=t) for k, t in fmt.items()})
-    out = export_gguf(str(src), tmp_path / "m.gguf", float_type="f32")
-    reader = gguf.GGUFReader(out)
-    kinds = types(reader)
-    assert kinds["blk.0.attn_v.weight"] == "Q3_K" and kinds["blk.1.ffn_down.weight"] == "Q2_K"
-    assert kv(reader, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q3_K_M)
-    lowbit_model = load_quantized(src)[0]
+    suffixes = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    fmt = dict(zip(suffixes, ("q3_k", "q2_k") * 3 + ("q2_k",), strict=True))
+    lowbit_model, out, reader = exported_blocks(llama256, tmp_path, fmt)
+    assert kv(reader, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q2_K)  # 4 of 7
     layers = quantized_layers(lowbit_model)
-    by_name = {t.name: t for t in reader.tensors}
-    for gguf_name, name in (("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj"),
-                            ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj")):
-        stored = layers[name].stored_weight()
-        data = by_name[gguf_name].data
-        assert np.array_equal(data, stored.raw.numpy())
-        values = gguf.quants.dequantize(data, by_name[gguf_name].tensor_type)
-        assert torch.equal(torch.from_numpy(values.astype(np.float32)), stored.dequantize())
-    model = read_back(out)
-    assert rel_err(logits(lowbit_model), logits(model)) <= 1e-5
+    tensors = {t.name: t for t in reader.tensors}
+    for gguf_name, name, kind in (("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj",
+                                   "Q3_K"),
+                                  ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj",
+                                   "Q2_K")):
+        stored, tensor = layers[name].stored_weight(), tensors[gguf_name]
+        assert tensor.tensor_type.name == kind
+        assert np.array_equal(tensor.data, stored.raw.numpy())
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        assert torch.equal(torch.from_numpy(values), stored.dequantize())
+    assert rel_err(logits(lowbit_model), logits(read_back(out))) <= 1e-5
