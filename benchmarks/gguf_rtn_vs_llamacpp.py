@@ -2,8 +2,9 @@
 
 Calls ``ggml_quantize_chunk`` of a built libggml-base (llama.cpp's C quantizers, with and
 without an importance matrix) through ctypes, on the same rows lowbit quantizes, and compares
-the errors and how many rows come out byte-identical. Rows: SmolLM2-135M block 0's seven
-linears (importance: the Hessian diagonal from 16 x 128 Emma tokens, which is llama.cpp's
+the errors and how many rows come out byte-identical, for every lowbit GGUF type (q8_0 ...
+q6_k, q3_k, q2_k; the K types only on rows of multiples of 256). Rows: SmolLM2-135M block 0's
+seven linears (importance: the Hessian diagonal from 16 x 128 Emma tokens, which is llama.cpp's
 imatrix up to a factor) and a Gaussian 256 x 1536 matrix with a random importance.
 
 Usage: LOWBIT_LIBGGML=/path/to/libggml-base.so .venv/bin/python

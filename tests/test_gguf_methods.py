@@ -119,3 +119,50 @@ def test_cli_rtn_imatrix_then_eval(capsys, tmp_path, smollm2_2blocks):
     _, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads((tmp_path / "e.json").read_text())["ppl"]["austen-pp"] > 1
+
+
+@pytest.mark.parametrize(
+    "ggml_type,bound",
+    # 96 of down_proj's rows, GPTQ / RTN-with-imatrix measured 0.131 (q3_k: 1.53e-3 vs 1.17e-2;
+    # plain RTN 1.61e-2, the same as llama.cpp's own quantizer) and 0.255 (q2_k: 7.6e-3 vs
+    # 2.97e-2; plain 6.86e-2), 1 thread
+    [("q3_k", 0.3), ("q2_k", 0.5)],
+)
+def test_gptq_onto_low_k_types_beats_their_rtn(block0_layers, ggml_type, bound):
+    """GPTQ onto q3_k/q2_k blocks fitted up front (diag(H) as importance), then error
+    feedback: a fraction of the output error of llama.cpp-style rounding with that importance."""
+    w, h = block0_layers["mlp.down_proj"]
+    w = w[:96]
+    rtn = quantize_rows(w, ggml_type).dequantize()
+    rtn_imatrix = quantize_rows(w, ggml_type, torch.diag(h)).dequantize()
+    stored, _ = gptq_quantize_gguf(w, h, ggml_type, GPTQSolver(act_order=True))
+    assert stored.ggml_type == ggml_type
+    assert stored.bits_per_weight() == {"q3_k": 3.4375, "q2_k": 2.625}[ggml_type]
+    assert out_err(w, stored.dequantize(), h) < bound * out_err(w, rtn_imatrix, h)
+    assert out_err(w, rtn_imatrix, h) < out_err(w, rtn, h)
+
+
+@pytest.mark.parametrize("ggml_type", ["q3_k", "q2_k"])
+def test_gptq_low_k_with_diagonal_hessian_is_weighted_rtn(ggml_type):
+    """As for the other types: with a diagonal H, GPTQ's q3_k/q2_k bytes are the weighted
+    quantizer's (a signed q3_k scale and q2_k's 4-bit scales and mins fed back exactly)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 512, generator=g)
+    diag = torch.rand(512, generator=g) + 0.1
+    stored, _ = gptq_quantize_gguf(w, torch.diag(diag), ggml_type, GPTQSolver(act_order=True))
+    assert torch.equal(stored.raw, quantize_rows(w, ggml_type, diag).raw)
+
+
+def test_gptq_q3_k_cli_falls_back_to_q4_0(capsys, tmp_path, smollm2_2blocks):
+    """`--weight-format gguf-q3_k` through the command line: down_proj (1536 inputs) q3_k, the
+    576-wide linears q4_0 as llama-quantize stores them."""
+    code = main(["quantize", str(smollm2_2blocks), "--method", "gptq", "--weight-format",
+                 "gguf-q3_k", "--nsamples", "4", "--seqlen", "64", "--ignore", "*.q_proj",
+                 "*.k_proj", "*.o_proj", "*.gate_proj", "*.up_proj", "--out",
+                 str(tmp_path / "q"), "--json", str(tmp_path / "q.json")])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    layers = json.loads((tmp_path / "q.json").read_text())["layers"]
+    types = {layer["name"].split(".")[-1]: layer["extra"]["ggml_type"] for layer in layers}
+    assert types == {"v_proj": "q4_0", "down_proj": "q3_k"}
+    assert {layer["bits_per_weight"] for layer in layers} == {4.5, 3.4375}

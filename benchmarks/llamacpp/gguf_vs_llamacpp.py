@@ -42,7 +42,7 @@ VENV = Path(os.environ.get("LLAMACPP_VENV", "/work/venvs/llamacpp"))
 LOWBIT = [sys.executable, "-m", "lowbit.cli.main"]
 # llama-quantize type names of the GGUF formats lowbit rounds onto (lowbit name: gguf-<lower>)
 PROMPT = 128  # context before the timed decode, both engines
-FORMATS = ("Q4_K", "Q4_0", "Q4_1", "Q5_K", "Q6_K", "Q8_0")
+FORMATS = ("Q4_K", "Q4_0", "Q4_1", "Q5_K", "Q6_K", "Q8_0", "Q3_K", "Q2_K")
 
 
 def have_tools() -> bool:

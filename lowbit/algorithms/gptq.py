@@ -438,9 +438,9 @@ def gptq_quantize_gguf(
     """GPTQ onto llama.cpp type ``ggml_type_name`` for W ``[R, C]``, H ``[C, C]``: blocks fitted
     up front (static groups, whatever ``solver`` says; act-order still orders the columns and
     no permutation is stored). Returns the stored weight and the percdamp used."""
-    w, h = prepare_hessian(weight, hessian)
-    quantizer = GGUFColumns(ggml_type_name, torch.diag(h))
-    codes, _, used = gptq_columns(w, h, quantizer, replace(solver, static_groups=True))
+    diag = torch.diag(hessian).float()  # diag(H) as prepare_hessian leaves it: dead inputs 1
+    quantizer = GGUFColumns(ggml_type_name, torch.where(diag == 0, torch.ones_like(diag), diag))
+    codes, _, used = gptq_columns(weight, hessian, quantizer, replace(solver, static_groups=True))
     return quantizer.result(codes), used
 
 

@@ -98,8 +98,9 @@ class BlockFormatConfig(IntWeightConfig):
     weight_format: str = option("int", "weight format: 'int' (the --bits/--group-size grid) or "
                                        "a llama.cpp block type, which sets bits and blocks "
                                        "itself (K types on widths not divisible by 256 fall "
-                                       "back like llama-quantize: q4_k->q5_0, q5_k->q5_1, "
-                                       "q6_k->q8_0)", choices=WEIGHT_FORMATS)
+                                       "back like llama-quantize: q2_k/q3_k->q4_0, "
+                                       "q4_k->q5_0, q5_k->q5_1, q6_k->q8_0)",
+                                choices=WEIGHT_FORMATS)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,8 +12,8 @@
 - :mod:`~lowbit.formats.packing`: dense bit packing; :mod:`~lowbit.formats.bits`: bit accounting.
 - :mod:`~lowbit.formats.packed_int`, :mod:`~lowbit.formats.packed_block`: stored weights,
   loadable by kind through :mod:`~lowbit.formats.codecs`.
-- :mod:`~lowbit.formats.gguf_blocks`: llama.cpp block types (q8_0 ... q6_k) as stored weights
-  holding the exact ggml bytes (:mod:`~lowbit.formats.gguf_layout` packs them,
+- :mod:`~lowbit.formats.gguf_blocks`: llama.cpp block types (q8_0 ... q6_k, q3_k, q2_k) as
+  stored weights holding the exact ggml bytes (:mod:`~lowbit.formats.gguf_layout` packs them,
   :mod:`~lowbit.formats.gguf_quant` rounds onto them like llama.cpp's quantizers).
 """
 

@@ -17,17 +17,19 @@ from lowbit.formats.gguf_layout import TYPES, BlockFields, decode, encode, unpac
 from lowbit.formats.gguf_layout import ggml_type as get_type
 from lowbit.formats.gguf_quant import quantize_fields
 
-GGUF_TYPES = tuple(TYPES)  # q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k
+GGUF_TYPES = tuple(TYPES)  # q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, q3_k, q2_k
 
 # llama.cpp's llama_tensor_get_type: a K type on a row width that is not a multiple of 256
 # becomes this type (and f16 when the width is not a multiple of 32 either)
-K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# (llama-quant.cpp's tensor_type_fallback)
+K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q3_k": "q4_0", "q2_k": "q4_0"}
 
 
 def fallback_type(ggml_type_name: str, in_features: int) -> str:
     """The type llama-quantize stores a ``[*, in_features]`` weight in when asked for
     ``ggml_type_name``: K types on widths not divisible by 256 fall back (q4_k -> q5_0, q5_k ->
-    q5_1, q6_k -> q8_0), and a width the chosen type's block does not divide becomes ``"f16"``."""
+    q5_1, q6_k -> q8_0, q3_k and q2_k -> q4_0), and a width the chosen type's block does not divide
+    becomes ``"f16"``."""
     t = get_type(ggml_type_name)
     name = t.name
     if in_features % t.block and name in K_FALLBACK:
@@ -88,7 +90,8 @@ class GGUFBlockWeight:
         return cls(meta["out_features"], meta["in_features"], meta["ggml_type"], tensors["raw"])
 
     def bits_per_weight(self) -> float:
-        """Stored bits per weight: exactly the type's (q4_k 4.5, q6_k 6.5625, q8_0 8.5 ...)."""
+        """Stored bits per weight: exactly the type's (q2_k 2.625, q3_k 3.4375, q4_k 4.5, q6_k
+        6.5625, q8_0 8.5 ...)."""
         return self.raw.numel() * 8 / (self.out_features * self.in_features)
 
 

@@ -17,6 +17,8 @@ q5_1      32     24     d, m, qh, qs[16]                                       d
 q4_k      256    144    d, dmin, scales[12] (6-bit sc, mn x 8), qs[128]        d*sc, -dmin*mn
 q5_k      256    176    d, dmin, scales[12], qh[32], qs[128]                   d*sc, -dmin*mn
 q6_k      256    210    ql[128], qh[64], scales int8[16], d                    d*sc, 0 (zero 32)
+q3_k      256    110    hmask[32] (3rd bit), qs[64] (2 bits), scales[12], d    d*sc, 0 (zero 4)
+q2_k      256    84     scales[16] (4-bit sc | 4-bit mn << 4), qs[64], d, dmin d*sc, -dmin*mn
 ========  =====  =====  ====================================================  ================
 
 :func:`decode` computes these with the float operations (and their order) of gguf-py's numpy
@@ -74,6 +76,8 @@ TYPES: dict[str, GGMLType] = {
         GGMLType("q4_k", QK_K, 144, 32, 4, 0, True, ("d", "m", "kscales", "nib32")),
         GGMLType("q5_k", QK_K, 176, 32, 5, 0, True, ("d", "m", "kscales", "qh5k", "nib32")),
         GGMLType("q6_k", QK_K, 210, 16, 6, 32, False, ("ql6", "qh6", "sc8", "d")),
+        GGMLType("q3_k", QK_K, 110, 16, 3, 4, False, ("hmask", "q2s", "sc6", "d")),
+        GGMLType("q2_k", QK_K, 84, 16, 2, 0, True, ("sc4", "q2s", "d", "m")),
     )
 }
 
@@ -91,8 +95,9 @@ class BlockFields:
 
     q: uint8 ``[R, C]`` unsigned codes. d: fp16 ``[R, C // block]``. m: fp16 ``[R, C // block]``
     (``m`` of q4_1/q5_1, ``dmin`` of the K types) or ``None``. sc: ``[R, C // sub]`` sub-block
-    scales (uint8 6-bit for q4_k/q5_k, int8 for q6_k) or ``None``; mn: uint8 ``[R, C // sub]``
-    6-bit sub-block mins (q4_k/q5_k) or ``None``.
+    scales (uint8 6-bit for q4_k/q5_k, 4-bit for q2_k; int8 for q6_k, and for q3_k its 6-bit
+    stored value minus 32) or ``None``; mn: uint8 ``[R, C // sub]`` sub-block mins (6-bit
+    q4_k/q5_k, 4-bit q2_k) or ``None``.
     """
 
     q: torch.Tensor
@@ -167,12 +172,12 @@ def _bit_planes(values: torch.Tensor, nbits: int, planes: int, width: int) -> to
     """``[..., planes * width]`` values of ``nbits`` bits -> ``[..., width]`` bytes, plane ``p``
     in bits ``p * nbits ..``."""
     v = values.view(*values.shape[:-1], planes, width).to(torch.int32)
-    shifts = (torch.arange(planes, dtype=torch.int32) * nbits)[:, None]
+    shifts = (torch.arange(planes, dtype=torch.int32, device=values.device) * nbits)[:, None]
     return (v << shifts).sum(dim=-2).to(torch.uint8)
 
 
 def _from_bit_planes(b: torch.Tensor, nbits: int, planes: int) -> torch.Tensor:
-    shifts = (torch.arange(planes, dtype=torch.uint8) * nbits)[:, None]
+    shifts = (torch.arange(planes, dtype=torch.uint8, device=b.device) * nbits)[:, None]
     planes_ = (b[..., None, :] >> shifts) & ((1 << nbits) - 1)
     return planes_.flatten(-2)
 
@@ -191,8 +196,22 @@ def _from_kscales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+def _q3_scales(sc: torch.Tensor) -> torch.Tensor:
+    """q3_k's 16 signed scales ``[R, nb, 16]`` (int8 in ``[-32, 31]``) -> its 12 bytes: the low
+    4 bits of ``sc + 32`` as nibbles (byte ``j``: scales ``j`` and ``j + 8``), the top 2 bits
+    in bytes 8..11 (scale ``j`` in byte ``8 + j % 4``, bits ``2 * (j // 4)``)."""
+    stored = (sc.to(torch.int16) + 32).to(torch.uint8)
+    return torch.cat([_nibbles(stored, 8), _bit_planes(stored >> 4, 2, 4, 4)], dim=-1)
+
+
+def _from_q3_scales(b: torch.Tensor) -> torch.Tensor:
+    stored = _from_nibbles(b[..., :8], 8) | (_from_bit_planes(b[..., 8:], 2, 4) << 4)
+    return (stored.to(torch.int16) - 32).to(torch.int8)
+
+
 SEGMENT_BYTES = {"d": 2, "m": 2, "q8": 32, "nib16": 16, "qh32": 4, "kscales": 12, "qh5k": 32,
-                 "nib32": 128, "ql6": 128, "qh6": 64, "sc8": 16}
+                 "nib32": 128, "ql6": 128, "qh6": 64, "sc8": 16, "hmask": 32, "q2s": 64,
+                 "sc6": 12, "sc4": 16}
 
 
 def _encode_segment(name: str, t: GGMLType, f: BlockFields, nb: int) -> torch.Tensor:
@@ -220,6 +239,14 @@ def _encode_segment(name: str, t: GGMLType, f: BlockFields, nb: int) -> torch.Te
         return _bit_planes(high, 2, 4, 32).view(rows, nb, 64)
     if name == "sc8":
         return f.sc.view(rows, nb, 16).view(torch.uint8)
+    if name == "q2s":  # per 128 elements, 32 bytes: element 32 p + l in bits 2p of byte l
+        return _bit_planes((q & 3).view(rows, nb, 2, 128), 2, 4, 32).view(rows, nb, 64)
+    if name == "hmask":  # element 32 p + l in bit p of byte l
+        return _bit_planes(q >> 2, 1, 8, 32)
+    if name == "sc6":
+        return _q3_scales(f.sc.view(rows, nb, 16))
+    if name == "sc4":
+        return (f.sc | (f.mn << 4)).view(rows, nb, 16)
     raise ValueError(f"unknown segment '{name}'")
 
 
@@ -244,7 +271,7 @@ def unpack(t: GGMLType, raw: torch.Tensor, cols: int) -> BlockFields:
     for s in t.segments:
         seg[s] = blocks[..., at : at + SEGMENT_BYTES[s]]
         at += SEGMENT_BYTES[s]
-    f = BlockFields(torch.empty(0), _f16_from(seg["d"]))
+    f = BlockFields(raw.new_empty(0), _f16_from(seg["d"]))
     if "m" in seg:
         f.m = _f16_from(seg["m"])
     if "q8" in seg:
@@ -258,6 +285,10 @@ def unpack(t: GGMLType, raw: torch.Tensor, cols: int) -> BlockFields:
         q = _from_nibbles(seg["nib32"], 32)
         if "qh5k" in seg:
             q = q | (_from_bit_planes(seg["qh5k"], 1, 8) << 4)
+    elif "q2s" in seg:
+        q = _from_bit_planes(seg["q2s"].reshape(rows, nb, 2, 32), 2, 4).reshape(rows, nb, QK_K)
+        if "hmask" in seg:
+            q = q | (_from_bit_planes(seg["hmask"], 1, 8) << 2)
     else:  # q6_k
         high = _from_bit_planes(seg["qh6"].reshape(rows, nb, 2, 32), 2, 4)
         q = _from_nibbles(seg["ql6"], 64) | (high.reshape(rows, nb, QK_K) << 4)
@@ -267,4 +298,8 @@ def unpack(t: GGMLType, raw: torch.Tensor, cols: int) -> BlockFields:
         f.sc, f.mn = sc.reshape(rows, -1), mn.reshape(rows, -1)
     if "sc8" in seg:
         f.sc = seg["sc8"].contiguous().view(torch.int8).reshape(rows, -1)
+    if "sc6" in seg:
+        f.sc = _from_q3_scales(seg["sc6"]).reshape(rows, -1)
+    if "sc4" in seg:
+        f.sc, f.mn = (seg["sc4"] & 0xF).reshape(rows, -1), (seg["sc4"] >> 4).reshape(rows, -1)
     return f

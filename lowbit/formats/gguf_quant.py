@@ -3,11 +3,14 @@
 Without importance, q8_0/q4_0/q4_1/q5_0/q5_1 reproduce llama.cpp's ``quantize_row_*_ref``
 (and gguf-py's ``quantize``) byte for byte; q4_k/q5_k/q6_k follow ``quantize_row_q*_K_ref``
 (``make_qkx2_quants`` / ``make_qx_quants`` per sub-block, then 6-/8-bit sub-block scales
-against fp16 ``d`` and ``dmin``). With a per-column importance ``[C]`` (an imatrix, or GPTQ's
-Hessian diagonal) they follow llama.cpp's ``quantize_q*`` with ``quant_weights``: element
-weights ``importance * sqrt(sigma2 + x^2)``, the weighted searches, and (K types) weighted
-sub-scale quantization. Every type ends by rounding each element to the nearest point of the
-grid actually stored (fp16 ``d``, quantized sub-scales), as llama.cpp's K quantizers do.
+against fp16 ``d`` and ``dmin``); q3_k/q2_k follow ``quantize_row_q3_K_ref`` (``make_q3_quants``
+per 16 elements, 6-bit signed scales) and ``quantize_row_q2_K_ref`` (``make_qkx2_quants`` with
+absolute error per 16 elements, 4-bit scales and mins). With a per-column importance ``[C]``
+(an imatrix, or GPTQ's Hessian diagonal) they follow llama.cpp's ``quantize_q*`` with
+``quant_weights``: element weights ``importance * sqrt(sigma2 + x^2)``, the weighted searches,
+and (K types) weighted sub-scale quantization. Every type ends by rounding each element to
+the nearest point of the grid actually stored (fp16 ``d``, quantized sub-scales), as
+llama.cpp's K quantizers do.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import torch
 
 from lowbit.formats.gguf_layout import QK_K, BlockFields, GGMLType, element_params
 from lowbit.formats.gguf_search import (
+    affine_fit,
     affine_search,
     positive_levels,
+    q3_search,
     signed_absmax,
+    symmetric_fit,
     symmetric_search,
 )
 
@@ -74,17 +80,22 @@ def legacy_reference(w: torch.Tensor, t: GGMLType) -> BlockFields:
     return BlockFields(q.to(torch.uint8).view(rows, cols), _f16(d[..., 0]), _f16(lo[..., 0]))
 
 
-def element_weights(x: torch.Tensor, importance: torch.Tensor, sigma_scale: float) -> torch.Tensor:
+def element_weights(
+    x: torch.Tensor, importance: torch.Tensor, sigma_scale: float, span: int | None = None
+) -> torch.Tensor:
     """llama.cpp's imatrix element weights ``importance * sqrt(sigma2 + x^2)`` for rows ``x``
-    ``[R, C]``, ``sigma2 = sigma_scale * mean(x^2)`` per row."""
-    sigma2 = sigma_scale * (x * x).mean(dim=1, keepdim=True)
+    ``[R, C]``, ``sigma2 = sigma_scale * mean(x^2)`` per row (or, with ``span``, per run of
+    ``span`` elements: q2_k/q3_k take it per super-block)."""
+    rows, cols = x.shape
+    runs = (x * x).view(rows, -1, span or cols)
+    sigma2 = (sigma_scale * runs.mean(dim=-1, keepdim=True)).expand_as(runs).reshape(rows, cols)
     return _floored(importance)[None, :] * torch.sqrt(sigma2 + x * x)
 
 
 def _floored(importance: torch.Tensor) -> torch.Tensor:
     """fp32 ``[C]`` importance where a zero column still counts a little."""
     importance = importance.float()
-    return importance.clamp(min=1e-10 * float(importance.mean().clamp(min=1e-30)))
+    return importance.clamp(min=1e-10 * importance.mean().clamp(min=1e-30))
 
 
 def legacy_weighted(w: torch.Tensor, t: GGMLType, importance: torch.Tensor) -> BlockFields:
@@ -94,10 +105,16 @@ def legacy_weighted(w: torch.Tensor, t: GGMLType, importance: torch.Tensor) -> B
     x = w.reshape(-1, 32)
     if t.affine:
         scale, mn = affine_search(x, weights, t.qmax, *WEIGHTED_AFFINE_STEPS)
-        f = BlockFields(torch.empty(0), _f16(scale.view(rows, -1)), _f16(-mn.view(rows, -1)))
+        f = BlockFields(_no_codes(w), _f16(scale.view(rows, -1)), _f16(-mn.view(rows, -1)))
     else:
-        f = BlockFields(torch.empty(0), _f16(symmetric_search(x, weights, t.zero).view(rows, -1)))
+        f = BlockFields(_no_codes(w), _f16(symmetric_search(x, weights, t.zero).view(rows, -1)))
     return _rounded(w, t, f)
+
+
+def _no_codes(w: torch.Tensor) -> torch.Tensor:
+    """An empty uint8 code tensor on ``w``'s device, for fields whose codes :func:`_rounded`
+    sets."""
+    return w.new_empty(0, dtype=torch.uint8)
 
 
 def _rounded(w: torch.Tensor, t: GGMLType, f: BlockFields) -> BlockFields:
@@ -116,14 +133,14 @@ def k_affine(w: torch.Tensor, t: GGMLType, importance: torch.Tensor | None) -> B
         weights = av + x.abs()
         steps = AFFINE_STEPS[t.name]
     else:
-        weights = element_weights(w, importance, 2.0).reshape(-1, 32)
+        weights = element_weights(w, importance, 2.0, QK_K).reshape(-1, 32)
         steps = WEIGHTED_AFFINE_STEPS
     scale, mn = affine_search(x, weights, t.qmax, *steps)
     per = QK_K // 32
     sub_w = None if importance is None else weights.sum(dim=1).view(-1, per)
     d, ls = positive_levels(scale.view(-1, per), 63, sub_w)
     dmin, lm = positive_levels(mn.view(-1, per), 63, sub_w)
-    f = BlockFields(torch.empty(0), _f16(d.view(rows, -1)), _f16(dmin.view(rows, -1)),
+    f = BlockFields(_no_codes(w), _f16(d.view(rows, -1)), _f16(dmin.view(rows, -1)),
                     ls.to(torch.uint8).view(rows, -1), lm.to(torch.uint8).view(rows, -1))
     return _rounded(w, t, f)
 
@@ -143,8 +160,64 @@ def q6_k(w: torch.Tensor, t: GGMLType, importance: torch.Tensor | None) -> Block
     iscale = torch.where(tiny, torch.zeros_like(top), -128 / torch.where(tiny, 1, top))
     d = torch.where(tiny, torch.zeros_like(top), 1 / torch.where(tiny, 1, iscale))
     sc = torch.round(iscale * scales).clamp(-128, 127).to(torch.int8)
-    f = BlockFields(torch.empty(0), _f16(d.view(rows, -1)), sc=sc.view(rows, -1))
+    f = BlockFields(_no_codes(w), _f16(d.view(rows, -1)), sc=sc.view(rows, -1))
     return _rounded(w, t, f)
+
+
+def _requantized(w: torch.Tensor, t: GGMLType, f: BlockFields, codes: torch.Tensor) -> BlockFields:
+    """``f`` with codes rounded to its stored grid, keeping the search's ``codes`` (any shape
+    of ``R * C`` elements) where a sub-block's stored scale is 0 (as q2_k/q3_k's quantizers
+    skip those sub-blocks)."""
+    scale, offset = element_params(t, f)
+    q = round_to_grid(w, scale, offset, t)
+    f.q = torch.where(scale == 0, codes.reshape(q.shape).to(torch.uint8), q)
+    return f
+
+
+def q3_k(w: torch.Tensor, t: GGMLType, importance: torch.Tensor | None) -> BlockFields:
+    """q3_k: per 16-element sub-block a signed scale (``make_q3_quants``, or with importance
+    the weighted ``make_qx_quants``, nmax 4), then 6-bit signed sub-scales against fp16 ``d``
+    per super-block (``-max / 32`` rounded, or with importance a weighted ``make_qx_quants``
+    fit, nmax 32)."""
+    rows, cols = w.shape
+    x = w.reshape(-1, 16)
+    per = QK_K // 16
+    if importance is None:
+        scales, codes = q3_search(x, 4)
+        scales = scales.view(-1, per)
+        top = signed_absmax(scales)
+        iscale = -32 / torch.where(top == 0, torch.ones_like(top), top)
+        levels = torch.round(iscale * scales).clamp(-32, 31)
+        d = torch.where(top == 0, torch.zeros_like(top), 1 / iscale)
+        levels = torch.where(top == 0, -32, levels)
+    else:
+        weights = element_weights(w, importance, 2.0, QK_K).reshape(-1, 16)
+        scales, codes = symmetric_fit(x, weights, 4)
+        d, levels = symmetric_fit(scales.view(-1, per), weights.sum(1).view(-1, per), 32)
+        levels = levels - 32
+    f = BlockFields(_no_codes(w), _f16(d.view(rows, -1)), sc=levels.to(torch.int8).view(rows, -1))
+    return _requantized(w, t, f, codes)
+
+
+def q2_k(w: torch.Tensor, t: GGMLType, importance: torch.Tensor | None) -> BlockFields:
+    """q2_k: per 16-element sub-block an affine search (``make_qkx2_quants`` on ``|x|``-weighted
+    absolute error, or with importance the weighted squared-error search), then 4-bit scales
+    and mins against fp16 ``d`` and ``dmin`` per super-block."""
+    rows, cols = w.shape
+    x = w.reshape(-1, 16)
+    per = QK_K // 16
+    if importance is None:
+        scale, mn, codes = affine_fit(x, x.abs(), 3, -0.5, 0.1, 15, mad=True)
+        sub_w = None
+    else:
+        weights = element_weights(w, importance, 1.0, QK_K).reshape(-1, 16)
+        scale, mn, codes = affine_fit(x, weights, 3, *WEIGHTED_AFFINE_STEPS)
+        sub_w = weights.sum(1).view(-1, per)
+    d, ls = positive_levels(scale.view(-1, per), 15, sub_w)
+    dmin, lm = positive_levels(mn.view(-1, per), 15, sub_w)
+    f = BlockFields(_no_codes(w), _f16(d.view(rows, -1)), _f16(dmin.view(rows, -1)),
+                    ls.to(torch.uint8).view(rows, -1), lm.to(torch.uint8).view(rows, -1))
+    return _requantized(w, t, f, codes)
 
 
 def quantize_fields(
@@ -157,6 +230,10 @@ def quantize_fields(
         return k_affine(w, t, importance)
     if t.name == "q6_k":
         return q6_k(w, t, importance)
+    if t.name == "q3_k":
+        return q3_k(w, t, importance)
+    if t.name == "q2_k":
+        return q2_k(w, t, importance)
     if importance is None or t.name == "q8_0":  # llama.cpp's q8_0 ignores quant_weights
         return legacy_reference(w, t)
     return legacy_weighted(w, t, importance)

@@ -6,7 +6,10 @@
 - :func:`affine_search` follows ``make_qkx2_quants`` (q4_k/q5_k, q4_1/q5_1 with weights): the
   min-max start plus ``nstep + 1`` inverse scales ``(rmin + rdelta k + nmax) / (max - min)``,
   each code set's scale and min least-squares fitted (min clamped to <= 0), the lowest weighted
-  error kept.
+  error kept (squared error, or with ``mad`` the absolute error of q2_k's reference).
+- :func:`q3_search` follows ``make_q3_quants`` (q3_k's reference): the symmetric start
+  ``-nmax / max``, then coordinate passes over the codes (weights ``x^2``).
+- :func:`positive_levels` quantizes the non-negative sub-block scales and mins of the K types.
 
 All functions take sub-blocks ``x`` ``[N, n]`` fp32 with weights ``w`` ``[N, n]`` and work on
 every sub-block at once; rounding is round-half-to-even like ggml's ``nearest_int``.
@@ -27,8 +30,17 @@ def signed_absmax(x: torch.Tensor) -> torch.Tensor:
 def symmetric_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
     """Scale ``[N]`` of the best symmetric grid ``scale * l``, ``l`` in ``[-nmax, nmax - 1]``
     (0 for an all-zero sub-block), as ``make_qx_quants(n, nmax, x, L, 1, w)`` finds it."""
+    return symmetric_fit(x, w, nmax)[0]
+
+
+def symmetric_fit(
+    x: torch.Tensor, w: torch.Tensor, nmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`symmetric_search`'s scale ``[N]`` and its codes ``l + nmax`` ``[N, n]`` fp32 (the
+    ``L`` of ``make_qx_quants``; 0 for an all-zero sub-block)."""
     mx = signed_absmax(x)
-    steps = torch.tensor([0.0] + [0.1 * k for k in range(-9, 10) if k != 0])
+    steps = torch.tensor([0.0] + [0.1 * k for k in range(-9, 10) if k != 0],
+                         dtype=torch.float32, device=x.device)
     safe = torch.where(mx.abs() < GROUP_MAX_EPS, torch.ones_like(mx), mx)
     iscale = -(nmax + steps) / safe  # [N, K]
     levels = (iscale[:, :, None] * x[:, None, :]).round_().clamp_(-nmax, nmax - 1)
@@ -40,17 +52,29 @@ def symmetric_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tenso
     best = score.argmax(dim=1, keepdim=True)
     num, den = sumlx.gather(1, best)[:, 0], suml2.gather(1, best)[:, 0]
     scale = torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num))
-    return torch.where(mx[:, 0].abs() < GROUP_MAX_EPS, torch.zeros_like(scale), scale)
+    codes = levels.gather(1, best[:, :, None].expand(-1, 1, x.shape[1]))[:, 0] + nmax
+    empty = mx.abs() < GROUP_MAX_EPS
+    return torch.where(empty[:, 0], torch.zeros_like(scale), scale), torch.where(empty, 0, codes)
 
 
 def affine_search(
     x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`affine_fit` without the codes."""
+    return affine_fit(x, w, nmax, rmin, rdelta, nstep)[:2]
+
+
+def affine_fit(
+    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+    mad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(scale, mn)`` ``[N]`` of the best grid ``scale * l - mn``, ``l`` in ``[0, nmax]``,
     ``mn >= 0``, as ``make_qkx2_quants(n, nmax, x, w, L, &mn, .., rmin, rdelta, nstep)`` (and
     ``make_qkx3_quants``) find it: candidates in order, each rounding against the min of the
     best fit so far (llama.cpp updates ``min`` as it goes), a candidate kept when its weighted
-    error is lower."""
+    error is lower (``mad``: ``sum w |error|``, else ``sum w error^2``). Returns
+    ``(scale, mn, codes)``, the codes fp32 ``[N, n]`` of the fit kept (0 for a flat
+    sub-block)."""
     low = x.min(dim=1).values.clamp(max=0)
     hi = x.max(dim=1).values
     flat = hi <= low
@@ -59,11 +83,13 @@ def affine_search(
     span = torch.where(flat, torch.ones_like(hi), hi - low)
     iscale = nmax / span
     scale = 1 / iscale
-    best = _weighted_sse(scale, low, sum_w, sum_x, sum_x2, *_candidate(x, w, iscale, low, nmax)[:3])
+    sums = (sum_w, sum_x, sum_x2)
+    *first, levels = _candidate(x, w, iscale, low, nmax)
+    best = _fit_error(x, w, scale, low, levels, sums, first, mad)
     for k in range(nstep + 1):
         span = torch.where(flat, torch.ones_like(hi), hi - low)
-        cand = torch.tensor(rmin + rdelta * k + nmax, dtype=torch.float32)
-        sum_l, sum_l2, sum_xl, _ = _candidate(x, w, cand / span, low, nmax)
+        cand = torch.tensor(rmin + rdelta * k + nmax, dtype=torch.float32, device=x.device)
+        sum_l, sum_l2, sum_xl, cand_levels = _candidate(x, w, cand / span, low, nmax)
         det = sum_w * sum_l2 - sum_l * sum_l
         safe = torch.where(det > 0, det, torch.ones_like(det))
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
@@ -71,13 +97,23 @@ def affine_search(
         positive = this_low > 0
         this_scale = torch.where(positive, sum_xl / sum_l2.clamp(min=1e-30), this_scale)
         this_low = torch.where(positive, torch.zeros_like(this_low), this_low)
-        err = _weighted_sse(this_scale, this_low, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl)
+        err = _fit_error(x, w, this_scale, this_low, cand_levels, sums, (sum_l, sum_l2, sum_xl),
+                         mad)
         better = (det > 0) & (err < best) & ~flat
         best = torch.where(better, err, best)
+        levels = torch.where(better[:, None], cand_levels, levels)
         scale = torch.where(better, this_scale, scale)
         low = torch.where(better, this_low, low)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    return scale, -low
+    return scale, -low, torch.where(flat[:, None], 0, levels)
+
+
+def _fit_error(x, w, scale, low, levels, sums, level_sums, mad: bool) -> torch.Tensor:
+    """The weighted error ``[N]`` of the grid ``scale * levels + low`` for ``x``: absolute
+    (``mad``, summed in fp32 as llama.cpp does) or squared (from the weighted sums)."""
+    if mad:
+        return (w * (scale[:, None] * levels + low[:, None] - x).abs()).sum(1)
+    return _weighted_sse(scale, low, *sums, *level_sums)
 
 
 def _candidate(x, w, iscale, low, nmax):
@@ -122,21 +158,51 @@ def positive_levels(
         better = mse < best
         best, iscale = torch.where(better, mse, best), torch.where(better, cand, iscale)
     levels = torch.round(iscale * values).clamp(max=nmax)
+    sumlx, suml2 = _refine_levels(values, weights, levels, None, nmax, need_sl2=True)
+    d = torch.where(suml2 > 0, sumlx / suml2.clamp(min=1e-30), torch.zeros_like(sumlx))
+    zero = empty[:, 0]
+    return torch.where(zero, torch.zeros_like(d), d), torch.where(empty, 0, levels)
+
+
+def q3_search(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_qx_quants``'s sibling ``make_q3_quants(n, nmax, x, L, true)``: codes
+    ``round(-nmax / max * x)`` in ``[-nmax, nmax - 1]`` (``max`` the signed value of largest
+    magnitude), improved one code at a time for up to 5 passes while the ``x^2``-weighted
+    least-squares fit gets better. Returns ``(scale [N], codes l + nmax [N, n] fp32)``; scale 0
+    and codes 0 for an all-zero sub-block."""
+    mx = signed_absmax(x)
+    empty = mx.abs() < GROUP_MAX_EPS
+    iscale = -nmax / torch.where(empty, torch.ones_like(mx), mx)
+    levels = (iscale * x).round_().clamp_(-nmax, nmax - 1)
+    w = x * x
+    sumlx, suml2 = _refine_levels(x, w, levels, -nmax, nmax - 1, need_sl2=False)
+    d = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1), torch.zeros_like(sumlx))
+    return torch.where(empty[:, 0], 0, d), torch.where(empty, 0, levels + nmax)
+
+
+def _refine_levels(
+    values: torch.Tensor, weights: torch.Tensor, levels: torch.Tensor, lo: int | None, hi: int,
+    need_sl2: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's coordinate passes (``make_qp_quants``, ``make_q3_quants``): up to 5 times,
+    each code in turn moves to ``round(x * sl2 / slx)`` (clamped to ``[lo, hi]``) of the fit
+    without it when that raises ``sumlx^2 / suml2``. Updates ``levels`` ``[N, n]`` in place;
+    returns the final ``(sumlx, suml2)`` ``[N]``. A code is tried where ``slx > 0`` (and, with
+    ``need_sl2``, ``sl2 > 0``); a pass that changes nothing leaves the next unchanged, so 5 full
+    passes equal llama.cpp's early exit."""
     sumlx = (weights * values * levels).sum(1)
     suml2 = (weights * levels * levels).sum(1)
     for _ in range(5):
         for i in range(values.shape[1]):
             w, x, old = weights[:, i], values[:, i], levels[:, i]
             slx, sl2 = sumlx - w * x * old, suml2 - w * old * old
-            ok = (slx > 0) & (sl2 > 0)
-            new = torch.round(x * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp(max=nmax)
+            ok = (slx > 0) & (sl2 > 0) if need_sl2 else slx > 0
+            new = torch.round(x * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp(lo, hi)
             slx, sl2 = slx + w * x * new, sl2 + w * new * new
-            take = ok & (new != old) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            take = ok & (new != old) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
             levels[:, i] = torch.where(take, new, old)
             sumlx, suml2 = torch.where(take, slx, sumlx), torch.where(take, sl2, suml2)
-    d = torch.where(suml2 > 0, sumlx / suml2.clamp(min=1e-30), torch.zeros_like(sumlx))
-    zero = empty[:, 0]
-    return torch.where(zero, torch.zeros_like(d), d), torch.where(empty, 0, levels)
+    return sumlx, suml2
 
 
 def _qp_mse(values, weights, iscale, nmax, clamp):

@@ -15,13 +15,14 @@ from lowbit.formats.gguf_blocks import (
     fallback_type,
     quantize_rows,
 )
-from lowbit.formats.gguf_layout import TYPES, encode, unpack
+from lowbit.formats.gguf_layout import TYPES, BlockFields, encode, unpack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WITH_GGUF_QUANTIZER = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 BPW = {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5, "q5_1": 6.0, "q4_k": 4.5,
-       "q5_k": 5.5, "q6_k": 6.5625}
+       "q5_k": 5.5, "q6_k": 6.5625,
+       "q3_k": 3.4375, "q2_k": 2.625}
 
 
 def gguf_values(raw: torch.Tensor, name: str) -> torch.Tensor:
@@ -109,9 +110,11 @@ def rel_err(w, q, importance=None):
 
 
 # relative squared error of round-to-nearest on N(0, 1) rows: a b-bit grid over ~+-2.5 sigma
-# in blocks of 32 gives about 2**(-2b) * 3 at most; measured 0.0117 (q4_0) .. 5.1e-4 (q6_k)
+# in blocks of 32 gives about 2**(-2b) * 3 at most; measured 0.0117 (q4_0) .. 5.1e-4 (q6_k),
+# q3_k 0.0227, q2_k 0.0881 (importance ratios 0.71 and 0.53)
 RTN_BOUND = {"q8_0": 1e-4, "q4_0": 0.02, "q4_1": 0.02, "q5_0": 0.005, "q5_1": 0.005,
-             "q4_k": 0.015, "q5_k": 0.004, "q6_k": 0.001}
+             "q4_k": 0.015, "q5_k": 0.004, "q6_k": 0.001,
+             "q3_k": 0.03, "q2_k": 0.11}
 
 
 @pytest.mark.parametrize("name", GGUF_TYPES)
@@ -129,3 +132,61 @@ def test_rtn_error_and_importance(name):
         assert torch.equal(plain, weighted)
     else:
         assert rel_err(w, weighted, importance) < 0.95 * rel_err(w, plain, importance)
+
+
+@pytest.mark.parametrize("name", GGUF_TYPES)
+def test_quantize_and_decode_stay_on_the_input_device(name):
+    """Every tensor the quantizers and the decoder create follows the input's device: on the
+    "meta" device a CPU-made tensor (or a host sync) raises, so this fails on any ``device=``
+    left out (which would break ``--weight-format gguf-*`` on CUDA)."""
+    t = TYPES[name]
+    w = torch.empty(4, 512, device="meta")
+    for importance in (None, torch.empty(512, device="meta")):
+        q = quantize_rows(w, name, importance)
+        assert q.raw.device.type == "meta" and q.raw.shape == (4, t.row_bytes(512))
+        values = q.dequantize()
+        assert values.device.type == "meta" and values.dtype == torch.float32
+        assert unpack(t, q.raw, 512).q.device.type == "meta"
+
+
+def exact_grid_fields(name: str, rows: int, cols: int) -> BlockFields:
+    """Random q3_k/q2_k fields whose values the reference quantizer must find again: ``d``
+    (and ``dmin``) a power of two, the largest sub-scale at its extreme level (q3_k: -32;
+    q2_k: 15, and a min of 15), no sub-scale 0, and every sub-block holding code 0 (q2_k also
+    code 3)."""
+    g = torch.Generator().manual_seed(3)
+    nb, subs = cols // 256, cols // 16
+    q = torch.randint(0, 4 if name == "q2_k" else 8, (rows, subs, 16), generator=g)
+    q[..., 0] = 0
+    q[..., 1] = 3
+    d = torch.full((rows, nb), 2.0**-7, dtype=torch.float16)
+    if name == "q3_k":
+        sc = torch.randint(1, 32, (rows, subs), generator=g)  # no 0: an all-zero sub-block
+        sc = torch.where(torch.rand(rows, subs, generator=g) < 0.5, -sc, sc)
+        sc[:, ::16] = -32
+        return BlockFields(q.view(rows, cols).to(torch.uint8), d, sc=sc.to(torch.int8))
+    sc = torch.randint(1, 16, (rows, subs), generator=g)
+    mn = torch.randint(0, 16, (rows, subs), generator=g)
+    sc[:, ::16], mn[:, ::16] = 15, 15
+    dmin = torch.full((rows, nb), 2.0**-8, dtype=torch.float16)
+    return BlockFields(q.view(rows, cols).to(torch.uint8), d, dmin, sc.to(torch.uint8),
+                       mn.to(torch.uint8))
+
+
+@pytest.mark.parametrize("name", ["q3_k", "q2_k"])
+def test_values_on_a_stored_grid_quantize_back_to_its_bytes(name):
+    """Values that are exactly a q3_k/q2_k decode are a fixed point of the reference
+    quantizer: the same codes, sub-scales, mins and fp16 scales, so the same bytes (this pins
+    the sign of q3_k's scales, its offset 4 and the 16-element sub-blocks)."""
+    t = TYPES[name]
+    raw = encode(t, exact_grid_fields(name, 5, 512))
+    values = dequantize_rows(raw, name, 512)
+    assert torch.equal(values, gguf_values(raw, name))
+    assert torch.equal(quantize_rows(values, name).raw, raw)
+
+
+def test_low_k_types_fall_back_to_q4_0():
+    """llama-quantize stores q2_k/q3_k tensors of widths not divisible by 256 as q4_0."""
+    assert [fallback_type(t, 576) for t in ("q3_k", "q2_k")] == ["q4_0", "q4_0"]
+    assert [fallback_type(t, 1536) for t in ("q3_k", "q2_k")] == ["q3_k", "q2_k"]
+    assert fallback_type("q2_k", 80) == "f16"
