@@ -58,3 +58,22 @@ def tiny_model(smollm2_2blocks, tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(smollm2_2blocks).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_3blocks(tmp_path_factory):
+    from lowbit.models.fixtures import truncated_copy
+
+    return truncated_copy("smollm2-135m", 3, tmp_path_factory.mktemp("smollm2-3b"))
+
+
+@pytest.fixture(scope="session")
+def gemma3_tiny(tmp_path_factory):
+    """A random 2-block Gemma-3 (lowbit.models.tiny; byte tokenizer, 512 words) of hidden 256
+    and FFN 512, so that every linear width divides the default group of 128: Gemma's
+    ``1 + w`` norms, scaled embedding, tied head and q/k norms at a fraction of the 2-block
+    real model's cost (its 262k-word head dominates every load, forward and save)."""
+    from lowbit.models.tiny import save_tiny
+
+    return save_tiny("gemma3_text", tmp_path_factory.mktemp("gemma3-tiny"), hidden_size=256,
+                     intermediate_size=512)

@@ -123,7 +123,7 @@ def test_quantize_then_eval_json(capsys, tmp_path, smollm2_2blocks):
         "--ppl",
         "austen-pp",
         "--max-tokens",
-        "512",
+        "256",
         "--eval-seqlen",
         "128",
         "--kld",

@@ -217,10 +217,11 @@ def smollm2():
 
 def test_smollm2_perplexity_on_austen_pp(smollm2) -> None:
     model, tokenizer = smollm2
-    windows = eval_windows(tokenizer, load_text("austen-pp"), seqlen=512, max_tokens=4096)
-    assert windows.shape == (8, 512)
+    windows = eval_windows(tokenizer, load_text("austen-pp"), seqlen=512, max_tokens=1024)
+    assert windows.shape == (2, 512)
     result = perplexity(model, windows, progress=False)
-    assert 10.0 < result.ppl < 60.0  # ~22 on these first 4096 tokens, ~27 on the whole novel
+    # measured 19.3 on these first 1024 tokens (20.8 on 2048, ~22 on 4096, ~27 on the novel)
+    assert 10.0 < result.ppl < 60.0
 
 
 @pytest.mark.slow

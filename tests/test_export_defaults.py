@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_util import hf_model, logits, rel_err
+from export_util import IDS, hf_model, logits, rel_err
 from safetensors.torch import load_file
 
 from lowbit import api
@@ -74,15 +74,21 @@ def _group(qc: dict) -> dict:
     return group
 
 
+@pytest.mark.parametrize("fixture", [
+    "gemma3_tiny",  # every Gemma-3 linear and norm kind, widths 256-1024
+    pytest.param("gemma3_2blocks", marks=pytest.mark.slow),  # 30-45 s each: 262k-word head
+])
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_default_weight_only_exports_load_with_same_logits(method, gemma3_2blocks, tmp_path):
+def test_default_weight_only_exports_load_with_same_logits(method, fixture, request, tmp_path):
     """`lowbit quantize MODEL --method {rtn,gptq}` with every setting at its default (W4 g128
     sym; GPTQ act-order with static groups: no permutation stored)."""
-    src = _quantize(gemma3_2blocks, tmp_path / "q", method, {})
+    src = _quantize(request.getfixturevalue(fixture), tmp_path / "q", method, {})
     out = export_compressed_tensors(src, tmp_path / "ct")
     weights = _group(_config(out))["weights"]
     assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 128, True)
-    err = rel_err(logits(load_quantized(src)[0]), logits(hf_model(out, dequantize=False)))
+    lowbit_model = load_quantized(src)[0]
+    ids = IDS % lowbit_model.config.vocab_size  # the tiny model has 512 words
+    err = rel_err(logits(lowbit_model, ids), logits(hf_model(out, dequantize=False), ids))
     print(f"default {method} -> compressed-tensors: max relative logit error {err:.3g}")
     assert err <= 1e-6
 

@@ -301,6 +301,8 @@ def test_folded_divisors_leave_a_gather_with_the_same_output(assemble):
         clash.source_divisors(2)
 
 
+# Gemma-3 stays real here: on a tiny random Gemma-3 the near-uniform activations put channels
+# at the split threshold, so folding moves float rounding across it and the plans differ
 @pytest.mark.parametrize("model, assemble", [("smollm2_2blocks", True),
                                              ("gemma3_2blocks", False)])
 def test_qllm_folds_divisors_into_the_norms_and_up_proj(model, assemble, request, monkeypatch):
@@ -351,10 +353,12 @@ def test_qllm_folds_divisors_into_the_norms_and_up_proj(model, assemble, request
     assert float((a - b).norm() / b.norm()) < 5e-4
 
 
-def test_folded_gemma_norms_stay_fp32_when_loaded_in_bf16(gemma3_2blocks, tmp_path):
+@pytest.mark.parametrize("model", [
+    "gemma3_tiny", pytest.param("gemma3_2blocks", marks=pytest.mark.slow)])  # real: 19 s
+def test_folded_gemma_norms_stay_fp32_when_loaded_in_bf16(model, request, tmp_path):
     """Gemma's gain is ``1 + w``: a fold by s stores ``(1 + w) / s - 1``, which bf16 cannot
     hold (the small gain cancels), so a bf16 load keeps these norms in fp32."""
-    loaded = api.load_model(str(gemma3_2blocks))
+    loaded = api.load_model(str(request.getfixturevalue(model)))
     result = api.quantize(loaded, api.build_config("smoothquant", {"bits": 8, "abits": 8}), CALIB,
                           progress=False)
     norm = loaded.model.model.layers[0].input_layernorm
@@ -369,6 +373,7 @@ def test_folded_gemma_norms_stay_fp32_when_loaded_in_bf16(gemma3_2blocks, tmp_pa
         assert block.pre_feedforward_layernorm.weight.dtype == torch.float32
     assert torch.equal(bf16.model.layers[0].input_layernorm.weight, folded)
     assert bf16.model.layers[0].self_attn.q_norm.weight.dtype == torch.bfloat16
-    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    high = min(1000, bf16.config.vocab_size)  # the tiny model has 512 words
+    ids = torch.randint(0, high, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.isfinite(bf16(ids).logits).all()
