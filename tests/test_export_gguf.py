@@ -380,11 +380,11 @@ def test_q3_k_and_q2_k_blocks_export_byte_for_byte(llama256, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["q3_k", "q2_k"])
-def test_llamacpp_runs_q3_k_and_q2_k_like_lowbit(smollm2_2blocks, tmp_path, kind):
-    """llama.cpp loads and runs SmolLM2 (2 blocks) exported with q3_k/q2_k blocks (down_proj;
-    the 576-wide linears fall back to q4_0 as llama-quantize does) with lowbit's logits, to the
-    rounding of its 8-bit activations (max rel. error and top-1 agreement printed)."""
+@pytest.mark.parametrize("kind", ["q3_k", "q2_k", "q4_1", "q5_0", "q5_1", "q5_k", "q6_k"])
+def test_llamacpp_runs_block_types_like_lowbit(smollm2_2blocks, tmp_path, kind):
+    """llama.cpp loads and runs SmolLM2 (2 blocks) exported with each remaining ggml block type
+    (K types on down_proj; the 576-wide linears fall back as llama-quantize does) with lowbit's
+    logits, to the rounding of its 8-bit activations (max rel. error and top-1 printed)."""
     from transformers import AutoTokenizer
 
     src = build_dir(smollm2_2blocks, tmp_path / "q", functools.partial(gguf_rows,
@@ -398,5 +398,6 @@ def test_llamacpp_runs_q3_k_and_q2_k_like_lowbit(smollm2_2blocks, tmp_path, kind
     err, agree = rel_err(ours, theirs), float((ours.argmax(-1) == theirs.argmax(-1)).float()
                                                .mean())
     print(f"llama.cpp vs lowbit, {kind}: max rel logit error {err:.2e}, top-1 {agree:.3f}")
-    # measured here: q3_k 1.43e-2, q2_k 1.33e-2; top-1 0.984, 1.000
+    # measured here: q3_k 1.43e-2, q2_k 1.33e-2; top-1 0.984, 1.000; q4_1, q5_0, q5_1, q5_k,
+    # q6_k: 8.5e-3, 6.7e-3, 6.7e-3, 1.3e-2, 1.1e-2; top-1 0.984, 1.000, 0.984, 0.953, 0.969
     assert err <= 5e-2 and agree >= 0.9
