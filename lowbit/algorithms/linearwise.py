@@ -41,7 +41,7 @@ def relative_errors(
     w = weight.detach().float()
     e = w - quantized
     h = hessian.float()
-    weight_err = weight_error(w, quantized)
+    weight_err = float(e.norm() / w.norm().clamp(min=1e-30))  # weight_error, from e
     out_err = float(((e @ h) * e).sum() / ((w @ h) * w).sum().clamp(min=1e-30))
     return weight_err, out_err
 

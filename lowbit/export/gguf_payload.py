@@ -128,7 +128,7 @@ def linear_payload(name: str, q: QuantLinear, dequantize: bool) -> Payload:
     except LowbitError:
         if not dequantize:
             raise
-        return float_payload(q.dequantized_weight(), Q.F32)
+        return float_payload(stored.dequantize(), Q.F32)  # not cached on the module
 
 
 def permute_rows(payload: Payload, order: torch.Tensor) -> Payload:

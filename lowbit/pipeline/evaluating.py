@@ -8,12 +8,12 @@ from typing import Any
 import torch
 
 from lowbit.data.corpora import load_text
-from lowbit.engine.placement import resolve_device
-from lowbit.errors import LowbitError, user_input
+from lowbit.errors import LowbitError
 from lowbit.eval.kld import kl_divergence
 from lowbit.eval.perplexity import perplexity
 from lowbit.eval.windows import eval_windows
 from lowbit.loading import LoadedModel, load_model
+from lowbit.pipeline.configs import as_device
 
 
 def evaluate(
@@ -38,8 +38,7 @@ def evaluate(
             "a streamed model keeps its blocks on disk and cannot be run; save it "
             "(save_quantized) and evaluate the saved folder"
         )
-    with user_input("--device"):
-        device = resolve_device(device)
+    device = as_device(device)
     loaded.model.to(device)
     start = time.perf_counter()
     out: dict[str, Any] = {"ppl": {}, "eval_tokens": {}, "kld": None}
